@@ -1,0 +1,384 @@
+"""The pipeline, in the contract's order, and the only module that speaks aiohttp end to end.
+
+    path (400) → route (404/405) → project → size (413) → encoding (415) → api_key (401)
+    → identity, session, token (400/401) → keys (503) → signature, claims, subject (401)
+    → session limit (429) → upstream (502/504) → the upstream's answer, relayed.
+
+Each stage is a plain function in its own module; this one reads the request, calls them in
+order, and turns their results into a response and an access-log record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from aiohttp import ClientResponse, web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
+
+from gateway.body import check_media_type, content_coding, decompress, parse_json_body
+from gateway.clock import Clock
+from gateway.compiled import CompiledConfig, Project, ProjectFixed, ProjectFromHeader, Route
+from gateway.config import LimitsSettings
+from gateway.counters import FailureCounter, SessionKey, session_key
+from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
+from gateway.errors import ErrorFormat, render_error
+from gateway.extract import RequestParts, collect_headers, parse_query
+from gateway.logs import AccessLog, utc_timestamp
+from gateway.proxy import (
+    Forwarding,
+    Upstream,
+    client_address,
+    forward_headers,
+    is_trusted,
+    strip_query,
+)
+from gateway.reasons import Code, Reason, Rejected
+from gateway.routes import MethodNotAllowed, Target, parse_target
+from gateway.verify import VerifiedToken
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+UPSTREAM_RETRY_AFTER_SECONDS = 1
+KEYS_RETRY_AFTER_SECONDS = 5
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request became, for its answer and its access-log record."""
+
+    request_id: str
+    route: Route | None = None
+    project: Project | None = None
+    project_id: str | None = None
+    mode: str = "disabled"
+    decision: str | None = None
+    reason: Reason | None = None
+    upstream_status: int | None = None
+    client: str | None = None
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: CompiledConfig,
+        *,
+        clock: Clock,
+        counter: FailureCounter,
+        upstream: Upstream,
+        access_log: AccessLog,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.counter = counter
+        self.upstream = upstream
+        self.access_log = access_log
+        self.stopping = False
+
+    # --- the handler ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        incoming_id = request.headers.get("X-Request-Id")
+        exchange = Exchange(
+            incoming_id
+            if incoming_id is not None and _REQUEST_ID.fullmatch(incoming_id)
+            else new_request_id()
+        )
+        config = self.config  # one config for the whole request, even across a reload
+        try:
+            response = await self._process(request, config, exchange)
+        except MethodNotAllowed as refused:
+            response = self._refuse(exchange, refused.reason, allow=refused.allow)
+        except Rejected as refused:
+            response = self._refuse(exchange, refused.reason)
+        self._log(request, exchange, response.status, started)
+        return response
+
+    async def _process(
+        self, request: web.BaseRequest, config: CompiledConfig, exchange: Exchange
+    ) -> web.StreamResponse:
+        if self.stopping:
+            raise Rejected(Reason.SHUTTING_DOWN)
+        target = parse_target(request.raw_path)
+        route, params = config.router.match(request.method, target.path)
+        exchange.route = route
+        parts = RequestParts(collect_headers(request.raw_headers, route.watched_headers), {})
+        project = self._resolve_project(config, route, params, parts, exchange)
+        limits = config.settings.limits
+        body = await self._read_body(request, limits)
+
+        sdk_mode = project.mode if route.sdk_jwt else "disabled"
+        exchange.mode = sdk_mode
+        forward_body, decoded = body, False
+        failure: Reason | None = None
+        if sdk_mode != "disabled" and route.reads_json and body:
+            try:
+                forward_body, decoded = self._decode_body(request, body, limits)
+            except Rejected as refused:
+                if sdk_mode == "required" or refused.reason.code is Code.PAYLOAD_TOO_LARGE:
+                    raise
+                failure = refused.reason
+
+        if route.api_key:
+            check_api_key(project, parts)
+
+        attempt = Attempt()
+        status = AuthStatus.DISABLED
+        if sdk_mode != "disabled" and failure is None:
+            try:
+                if route.reads_json and forward_body:
+                    parts.body = parse_json_body(forward_body)
+                if route.reads_query:
+                    parts.query = parse_query(target.query)
+                status = authenticate(route, project, parts, limits.max_token_bytes, attempt)
+            except Rejected as refused:
+                failure = refused.reason
+
+        client = self._client(request, config)
+        exchange.client = client
+        if failure is not None:
+            refusal = await self._refuse_token_failure(config, project, exchange, attempt, failure)
+            if sdk_mode == "required":
+                exchange.decision = "rejected"
+                return refusal
+            status = AuthStatus.UNVERIFIED
+            exchange.decision = "would_reject"
+        else:
+            exchange.decision = status.value
+            if status is AuthStatus.VERIFIED:
+                self.counter.reset(self._session_key(project, exchange, attempt))
+
+        return await self._forward(
+            request, config, target, exchange, status, attempt.verified, forward_body, decoded
+        )
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        config: CompiledConfig,
+        target: Target,
+        exchange: Exchange,
+        status: AuthStatus,
+        verified: VerifiedToken | None,
+        body: bytes,
+        decoded: bool,
+    ) -> web.StreamResponse:
+        route, project = exchange.route, exchange.project
+        assert route is not None
+        assert project is not None
+        forwarding = Forwarding(
+            request_id=exchange.request_id,
+            auth_status=status.value,
+            authenticated_user=verified.user_header if verified else None,
+            peer=request.remote,
+            peer_trusted=is_trusted(request.remote, config.trusted_proxies),
+            drop=route.token_header_drop | {"content-encoding"}
+            if decoded
+            else route.token_header_drop,
+            token_scheme_drop=route.token_scheme_drop,
+        )
+        answer = await self.upstream.send(
+            request.method,
+            target.path,
+            strip_query(target.query, route.token_query_drop),
+            forward_headers(request.raw_headers, forwarding),
+            body,
+        )
+        exchange.upstream_status = answer.status
+        headers = answer.headers
+        headers["X-Request-Id"] = exchange.request_id
+        if verified is not None:
+            expires_in = verified.exp - self.clock.now()
+            if expires_in <= project.expiry_warning_seconds:
+                headers["X-Auth-Warning"] = "TOKEN_ABOUT_TO_EXPIRE"
+                headers["X-Auth-Token-Expires-In"] = str(max(0, math.floor(expires_in)))
+        if answer.rest is None:
+            return web.Response(status=answer.status, headers=headers, body=answer.body)
+        return await self._stream(request, answer.status, headers, answer.body, answer.rest)
+
+    # --- stages that need the aiohttp request --------------------------------------------------
+
+    @staticmethod
+    def _resolve_project(
+        config: CompiledConfig,
+        route: Route,
+        params: dict[str, str],
+        parts: RequestParts,
+        exchange: Exchange,
+    ) -> Project:
+        source = route.project_from
+        if isinstance(source, ProjectFixed):
+            project_id = source.id
+        elif isinstance(source, ProjectFromHeader):
+            values = parts.headers.get(source.name)
+            if not values or not values[0].strip():
+                raise Rejected(Reason.PROJECT_HEADER_MISSING)
+            if len(values) > 1:
+                raise Rejected(Reason.PROJECT_HEADER_DUPLICATE)
+            project_id = values[0].strip()
+        else:
+            project_id = params[source.group]
+        project = config.project(project_id)
+        exchange.project, exchange.project_id = project, project_id
+        return project
+
+    @staticmethod
+    async def _read_body(request: web.BaseRequest, limits: LimitsSettings) -> bytes:
+        declared = request.content_length
+        if declared is not None and declared > limits.max_body_bytes:
+            raise Rejected(Reason.BODY_TOO_LARGE)  # before `100 Continue`: nothing is sent
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
+            1,
+            1,
+        ):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        if not request.body_exists:
+            return b""
+        received = bytearray()
+        try:
+            async with asyncio.timeout(limits.body_timeout_seconds):
+                while chunk := await request.content.readany():
+                    received += chunk
+                    if len(received) > limits.max_body_bytes:
+                        raise Rejected(Reason.BODY_TOO_LARGE)
+        except TimeoutError:
+            raise Rejected(Reason.BODY_TIMEOUT) from None
+        except HttpProcessingError:
+            raise Rejected(Reason.HTTP_MALFORMED) from None
+        return bytes(received)
+
+    @staticmethod
+    def _decode_body(
+        request: web.BaseRequest, body: bytes, limits: LimitsSettings
+    ) -> tuple[bytes, bool]:
+        headers = request.headers
+        check_media_type(headers.getall("Content-Type", []))
+        coding = content_coding(headers.getall("Content-Encoding", []))
+        if coding is None:
+            return body, False
+        return decompress(body, coding, limits.max_decompressed_bytes), True
+
+    @staticmethod
+    def _client(request: web.BaseRequest, config: CompiledConfig) -> str | None:
+        if not config.trusted_proxies:
+            return request.remote
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies
+        )
+
+    # --- the failure counter -------------------------------------------------------------------
+
+    @staticmethod
+    def _session_key(project: Project, exchange: Exchange, attempt: Attempt) -> SessionKey:
+        project_id = (exchange.project_id or "").lower()
+        if attempt.session_id is not None:
+            return session_key(project.label, project_id, "session", attempt.session_id)
+        if attempt.identity is not None:
+            return session_key(project.label, project_id, "user", attempt.identity)
+        return session_key(project.label, project_id, "client", exchange.client or "")
+
+    async def _refuse_token_failure(
+        self,
+        config: CompiledConfig,
+        project: Project,
+        exchange: Exchange,
+        attempt: Attempt,
+        failure: Reason,
+    ) -> web.Response:
+        """Count a failure against its session; the answer `required` gives, 429 past the
+        threshold (`monitor` only counts and forwards)."""
+        count = None
+        if failure.code.counts_for_session:
+            count = await self.counter.record_failure(self._session_key(project, exchange, attempt))
+        if count is not None and count.count > config.settings.failure_counter.threshold:
+            return self._refuse(exchange, failure, limited=True, retry_after=count.retry_after)
+        return self._refuse(exchange, failure)
+
+    # --- answers -------------------------------------------------------------------------------
+
+    def _refuse(
+        self,
+        exchange: Exchange,
+        reason: Reason,
+        *,
+        limited: bool = False,
+        retry_after: int | None = None,
+        allow: str | None = None,
+    ) -> web.Response:
+        exchange.reason = reason
+        if retry_after is None and reason.code is Code.UPSTREAM_UNAVAILABLE:
+            retry_after = UPSTREAM_RETRY_AFTER_SECONDS
+        elif retry_after is None and reason.code is Code.KEYS_UNAVAILABLE:
+            retry_after = KEYS_RETRY_AFTER_SECONDS
+        route = exchange.route
+        answer = render_error(
+            reason,
+            exchange.request_id,
+            error_format=route.error_format if route else ErrorFormat.STANDARD,
+            limited=limited,
+            retry_after=retry_after,
+            allow=allow,
+        )
+        headers = CIMultiDict(answer.headers)
+        headers["X-Request-Id"] = exchange.request_id
+        response = web.Response(status=answer.status, headers=headers, body=answer.body)
+        if reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
+            Reason.HTTP_MALFORMED,
+            Reason.BODY_TIMEOUT,
+        ):
+            response.force_close()  # the rest of the body, if any, is never read
+        return response
+
+    @staticmethod
+    async def _stream(
+        request: web.BaseRequest,
+        status: int,
+        headers: CIMultiDict[str],
+        head: bytes,
+        rest: ClientResponse,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=status, headers=headers)
+        try:
+            await response.prepare(request)
+            await response.write(head)
+            async for chunk in rest.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        finally:
+            rest.release()
+        return response
+
+    def _log(
+        self, request: web.BaseRequest, exchange: Exchange, status: int, started: float
+    ) -> None:
+        if not self.access_log.enabled:
+            return
+        route, project, reason = exchange.route, exchange.project, exchange.reason
+        self.access_log.write(
+            {
+                "time": utc_timestamp(self.clock.now()),
+                "request_id": exchange.request_id,
+                "route": route.name if route else "_none",
+                "project": project.label if project else None,
+                "method": request.method,
+                "path": request.raw_path.partition("?")[0][:512],
+                "status": status,
+                "mode": exchange.mode,
+                "decision": exchange.decision,
+                "code": reason.code.name if reason else None,
+                "reason": reason.phrase if reason else None,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "upstream_status": exchange.upstream_status,
+                "client": exchange.client or request.remote,
+            }
+        )

@@ -1,0 +1,68 @@
+"""Request bodies that are read for identity: one encoding, one media type, one JSON document.
+
+A body the gateway decoded is forwarded decoded, so the upstream reads the very bytes that were
+authorised rather than decompressing them again in its own way.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from gateway.jsonstrict import JSONRejected, loads_strict
+from gateway.reasons import Reason, Rejected
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_coding(values: list[str]) -> str | None:
+    """The one content coding named by the Content-Encoding headers, None for identity."""
+    codings = [c.strip().lower() for v in values for c in v.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in _WBITS:
+        raise Rejected(Reason.ENCODING_UNSUPPORTED)
+    return codings[0]
+
+
+def decompress(body: bytes, coding: str, max_bytes: int) -> bytes:
+    decoder = zlib.decompressobj(_WBITS[coding])
+    try:
+        out = decoder.decompress(body, max_bytes + 1)
+    except zlib.error:
+        raise Rejected(Reason.ENCODING_INVALID) from None
+    if len(out) > max_bytes:
+        raise Rejected(Reason.DECOMPRESSED_TOO_LARGE)
+    if not decoder.eof or decoder.unused_data:
+        # A truncated stream, or a second gzip member another decoder might ignore or append.
+        raise Rejected(Reason.ENCODING_INVALID)
+    return out
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
+
+
+def check_media_type(values: list[str]) -> None:
+    """Refuse bodies the upstream could read as something other than one JSON document."""
+    if not values:
+        return
+    if len(values) > 1:
+        raise Rejected(Reason.HEADER_DUPLICATE)
+    media_type, *params = values[0].split(";")
+    if media_type.strip().lower().startswith(_FORM_TYPES):
+        raise Rejected(Reason.MEDIA_TYPE_UNSUPPORTED)
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            raise Rejected(Reason.CHARSET_UNSUPPORTED)
+
+
+def parse_json_body(body: bytes) -> Any:
+    try:
+        return loads_strict(body)
+    except JSONRejected as exc:
+        raise Rejected(Reason.DUPLICATE_KEY if exc.duplicate_key else Reason.JSON_INVALID) from None

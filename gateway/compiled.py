@@ -1,0 +1,490 @@
+"""What the config compiles to, once: the route table, key sets, verifiers and hashed API keys.
+
+Also the checks that need more than one field (SPEC §3 "Validation at load"). Every problem is
+collected with its YAML path before anything is refused, so one run lists them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gateway.algorithms import ALGORITHMS
+from gateway.clock import Clock
+from gateway.config import (
+    ConfigError,
+    LoadedConfig,
+    Problem,
+    ProjectSettings,
+    RouteSettings,
+    Settings,
+    SourceSettings,
+)
+from gateway.errors import ErrorFormat
+from gateway.extract import (
+    HeaderSource,
+    JsonSource,
+    QuerySource,
+    Source,
+    normalise_header_name,
+    parse_json_path,
+)
+from gateway.keys import KeyProblem, KeySet, VerificationKey, fingerprint, parse_public_pem
+from gateway.routes import RouteEntry, Router, TemplateError, compile_template
+from gateway.verify import Policy, TokenCache, TokenVerifier, key_value_subject
+
+OTHER_PROJECTS = "_other"
+Mode = Literal["disabled", "monitor", "required"]
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: str  # as configured (the canonical spelling); for unlisted projects, `_other`
+    label: str  # the metrics label: the id, or `_other`
+    mode: Mode
+    verifier: TokenVerifier | None
+    api_key_digests: tuple[bytes, ...]
+    expiry_warning_seconds: int
+
+    def api_key_matches(self, presented: str) -> bool:
+        digest = hashlib.sha256(presented.encode()).digest()
+        # Compare against every key so the time taken does not tell which one nearly matched.
+        matched = False
+        for expected in self.api_key_digests:
+            matched |= hmac.compare_digest(digest, expected)
+        return matched and bool(presented)
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectFromPath:
+    group: str = "project"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectFromHeader:
+    name: str  # normalised
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectFixed:
+    id: str
+
+
+ProjectFrom = ProjectFromPath | ProjectFromHeader | ProjectFixed
+
+API_KEY_SOURCE = HeaderSource("authorization", "token")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    methods: frozenset[str]
+    project_from: ProjectFrom
+    api_key: bool
+    sdk_jwt: bool
+    identity: tuple[Source, ...]
+    token: tuple[HeaderSource | QuerySource, ...]
+    session: tuple[Source, ...]
+    forward_token: bool
+    error_format: ErrorFormat
+    reads_json: bool = field(init=False)
+    reads_query: bool = field(init=False)
+    watched_headers: frozenset[str] = field(init=False)
+    # What `forward_token: false` strips: whole headers, scheme-matched values, query parameters.
+    token_header_drop: frozenset[str] = field(init=False)
+    token_scheme_drop: frozenset[tuple[str, str]] = field(init=False)
+    token_query_drop: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        sources = (*self.identity, *self.token, *self.session)
+        set_ = object.__setattr__
+        set_(self, "reads_json", any(isinstance(s, JsonSource) for s in sources))
+        set_(self, "reads_query", any(isinstance(s, QuerySource) for s in sources))
+        watched = {s.name for s in sources if isinstance(s, HeaderSource)}
+        if self.api_key:
+            watched.add(API_KEY_SOURCE.name)
+        if isinstance(self.project_from, ProjectFromHeader):
+            watched.add(self.project_from.name)
+        set_(self, "watched_headers", frozenset(watched))
+        stripped = () if self.forward_token else self.token
+        headers = [s for s in stripped if isinstance(s, HeaderSource)]
+        set_(self, "token_header_drop", frozenset(s.name for s in headers if s.scheme is None))
+        set_(
+            self,
+            "token_scheme_drop",
+            frozenset((s.name, s.scheme) for s in headers if s.scheme is not None),
+        )
+        set_(
+            self,
+            "token_query_drop",
+            frozenset(s.name for s in stripped if isinstance(s, QuerySource)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledConfig:
+    settings: Settings
+    source: Path
+    router: Router[Route]
+    projects: dict[str, Project]  # by lower-cased id
+    other_projects: Project
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    warnings: tuple[Problem, ...]
+    digest: str
+    key_fingerprints: dict[str, tuple[tuple[str, str], ...]]  # project → ((kid, fingerprint),)
+
+    def project(self, project_id: str) -> Project:
+        return self.projects.get(project_id.lower(), self.other_projects)
+
+
+# --- keys and projects -------------------------------------------------------------------------
+
+
+def _read_pem(loaded: LoadedConfig, pem: str | None, pem_file: str | None) -> str:
+    if pem is not None:
+        return pem
+    assert pem_file is not None
+    path = (loaded.base_dir / pem_file).resolve()
+    try:
+        return path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise KeyProblem(f"{pem_file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyProblem(f"{pem_file}: cannot read ({exc})") from None
+
+
+def _compile_keys(
+    loaded: LoadedConfig, settings: ProjectSettings, path: str, problems: list[Problem]
+) -> tuple[VerificationKey, ...]:
+    keys: list[VerificationKey] = []
+    seen: dict[str, int] = {}
+    allowed = set(settings.algorithms)
+    for index, key_settings in enumerate(settings.keys):
+        key_path = f"{path}.keys[{index}]"
+        if key_settings.id in seen:
+            problems.append(
+                Problem(
+                    f"{key_path}.id",
+                    f"{key_settings.id!r} is already the id of keys[{seen[key_settings.id]}]",
+                )
+            )
+            continue
+        seen[key_settings.id] = index
+        field_name = "pem" if key_settings.pem is not None else "pem_file"
+        try:
+            text = _read_pem(loaded, key_settings.pem, key_settings.pem_file)
+            public_key, key_type = parse_public_pem(text)
+        except KeyProblem as exc:
+            problems.append(Problem(f"{key_path}.{field_name}", str(exc)))
+            continue
+        usable = frozenset(a for a in allowed if ALGORITHMS[a].key_type is key_type)
+        if not usable:
+            problems.append(
+                Problem(
+                    key_path,
+                    f"{key_type.value} key has no allowed algorithm; algorithms lists "
+                    f"{sorted(allowed)}, add one of "
+                    f"{sorted(n for n, a in ALGORITHMS.items() if a.key_type is key_type)}",
+                )
+            )
+            continue
+        keys.append(
+            VerificationKey(key_settings.id, key_type, public_key, fingerprint(public_key), usable)
+        )
+    return tuple(keys)
+
+
+def _compile_project(
+    *,
+    loaded: LoadedConfig,
+    project_id: str,
+    label: str,
+    settings: ProjectSettings,
+    path: str,
+    cache: TokenCache,
+    clock: Clock,
+    problems: list[Problem],
+) -> Project:
+    keys = _compile_keys(loaded, settings, path, problems)
+    if settings.mode != "disabled" and not settings.keys:
+        problems.append(
+            Problem(f"{path}.keys", f"mode {settings.mode} needs at least one key source")
+        )
+    policy = Policy(
+        algorithms=frozenset(settings.algorithms),
+        subject=key_value_subject(settings.subject.claim, settings.subject.key),
+        audience=settings.audience,
+        issuer=settings.issuer,
+        leeway=settings.leeway_seconds,
+        max_lifetime=settings.max_token_lifetime_seconds,
+    )
+    verifier = TokenVerifier(KeySet(keys), policy, cache, clock) if keys else None
+    return Project(
+        id=project_id,
+        label=label,
+        mode=settings.mode,
+        verifier=verifier,
+        api_key_digests=tuple(_api_key_digest(k) for k in settings.api_keys),
+        expiry_warning_seconds=settings.expiry_warning_seconds,
+    )
+
+
+def _api_key_digest(entry: str) -> bytes:
+    if entry.startswith("sha256:"):
+        return bytes.fromhex(entry.removeprefix("sha256:"))
+    return hashlib.sha256(entry.encode()).digest()
+
+
+def _check_api_keys(settings: ProjectSettings, path: str, problems: list[Problem]) -> None:
+    for index, entry in enumerate(settings.api_keys):
+        if not entry:
+            problems.append(Problem(f"{path}.api_keys[{index}]", "an API key is empty"))
+        elif entry.startswith("sha256:"):
+            hex_digest = entry.removeprefix("sha256:")
+            if len(hex_digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in hex_digest):
+                problems.append(
+                    Problem(f"{path}.api_keys[{index}]", "sha256: needs 64 hexadecimal digits")
+                )
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+def _compile_source(
+    settings: SourceSettings, role: str, path: str, problems: list[Problem]
+) -> Source | None:
+    if settings.header is not None:
+        scheme = settings.scheme.lower() if settings.scheme else None
+        return HeaderSource(normalise_header_name(settings.header), scheme)
+    if settings.query is not None:
+        return QuerySource(settings.query)
+    assert settings.json_path is not None
+    if role == "token":
+        problems.append(Problem(path, "a token is read from a header or query, not json"))
+        return None
+    try:
+        return JsonSource(settings.json_path, parse_json_path(settings.json_path))
+    except ValueError as exc:
+        problems.append(Problem(f"{path}.json", f"{exc} (got {settings.json_path!r})"))
+        return None
+
+
+def _compile_sources(
+    route: RouteSettings, settings: Settings, role: str, path: str, problems: list[Problem]
+) -> tuple[Source, ...]:
+    own: tuple[SourceSettings, ...] | None = getattr(route, role)
+    chosen = own if own is not None else getattr(settings, role)
+    base = f"{path}.{role}" if own is not None else role
+    compiled = (_compile_source(s, role, f"{base}[{i}]", problems) for i, s in enumerate(chosen))
+    return tuple(s for s in compiled if s is not None)
+
+
+def _check_header_roles(route: Route, path: str, problems: list[Problem]) -> None:
+    roles: dict[tuple[str, str | None], list[str]] = {}
+    for role, sources in (
+        ("identity", route.identity),
+        ("token", route.token),
+        ("session", route.session),
+    ):
+        for source in sources:
+            if isinstance(source, HeaderSource):
+                roles.setdefault((source.name, source.scheme), []).append(role)
+    if route.api_key:
+        roles.setdefault((API_KEY_SOURCE.name, API_KEY_SOURCE.scheme), []).append("api_key")
+    if isinstance(route.project_from, ProjectFromHeader):
+        roles.setdefault((route.project_from.name, None), []).append("project")
+    for (name, scheme), used_by in roles.items():
+        distinct = sorted(set(used_by))
+        if len(distinct) > 1:
+            shown = name + (f" ({scheme})" if scheme else "")
+            problems.append(
+                Problem(path, f"header {shown} serves two roles: {', '.join(distinct)}")
+            )
+    unscoped = {name for (name, scheme) in roles if scheme is None}
+    for name, scheme in roles:
+        if scheme is not None and name in unscoped:
+            problems.append(Problem(path, f"header {name} is read both with and without a scheme"))
+
+
+def _compile_route(
+    route_settings: RouteSettings, settings: Settings, index: int, problems: list[Problem]
+) -> RouteEntry[Route] | None:
+    path = f"routes[{index}]"
+    try:
+        pattern = compile_template(route_settings.path)
+    except TemplateError as exc:
+        problems.append(Problem(f"{path}.path", f"{exc} (got {route_settings.path!r})"))
+        return None
+    project_from: ProjectFrom
+    if route_settings.project is not None:
+        if route_settings.project.header is not None:
+            project_from = ProjectFromHeader(normalise_header_name(route_settings.project.header))
+        else:
+            assert route_settings.project.id is not None
+            project_from = ProjectFixed(route_settings.project.id)
+    elif "project" in pattern.groupindex:
+        project_from = ProjectFromPath()
+    else:
+        problems.append(
+            Problem(path, "no project: add {project} to the path, or a project: {header|id} block")
+        )
+        return None
+    token_sources = tuple(
+        s
+        for s in _compile_sources(route_settings, settings, "token", path, problems)
+        if isinstance(s, HeaderSource | QuerySource)
+    )
+    route = Route(
+        name=route_settings.name,
+        methods=frozenset(route_settings.methods),
+        project_from=project_from,
+        api_key="api_key" in route_settings.auth,
+        sdk_jwt="sdk_jwt" in route_settings.auth,
+        identity=_compile_sources(route_settings, settings, "identity", path, problems),
+        token=token_sources,
+        session=_compile_sources(route_settings, settings, "session", path, problems),
+        forward_token=route_settings.forward_token,
+        error_format=ErrorFormat.STANDARD,
+    )
+    if route.sdk_jwt and not route.identity:
+        problems.append(Problem(f"{path}.identity", "sdk_jwt needs at least one identity source"))
+    if route.sdk_jwt and not route.token:
+        problems.append(Problem(f"{path}.token", "sdk_jwt needs at least one token source"))
+    _check_header_roles(route, path, problems)
+    return RouteEntry(pattern, route.methods, route)
+
+
+def _reachable_projects(route: Route, settings: Settings) -> list[tuple[str, ProjectSettings]]:
+    if isinstance(route.project_from, ProjectFixed):
+        wanted = route.project_from.id.lower()
+        listed = [(k, v) for k, v in settings.projects.items() if k.lower() == wanted]
+        return listed or [("defaults", settings.defaults)]
+    return [("defaults", settings.defaults), *settings.projects.items()]
+
+
+def _check_route_projects(
+    route: Route, index: int, settings: Settings, problems: list[Problem]
+) -> None:
+    if not route.api_key:
+        return
+    for name, project in _reachable_projects(route, settings):
+        if not project.api_keys:
+            where = "defaults" if name == "defaults" else f"projects.{name}"
+            problems.append(
+                Problem(
+                    f"routes[{index}].auth",
+                    f"api_key reaches {where}, which has no api_keys",
+                )
+            )
+
+
+# --- the whole config --------------------------------------------------------------------------
+
+
+def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]:
+    warnings = []
+    if settings.failure_counter.backend == "memory" and settings.workers != 1:
+        warnings.append(
+            Problem(
+                "failure_counter.backend",
+                "memory with more than one worker: each worker counts its sessions alone",
+            )
+        )
+    owners: dict[str, list[str]] = {}
+    for project_id, project in projects.items():
+        if project.verifier is None:
+            continue
+        for key in project.verifier.keys.keys:
+            owners.setdefault(key.fingerprint, []).append(project_id)
+    for fp, users in owners.items():
+        unscoped = [
+            p for p in users if (s := settings.projects[p]).audience is None and s.issuer is None
+        ]
+        if len(users) > 1 and unscoped:
+            warnings.append(
+                Problem(
+                    "projects",
+                    f"projects {', '.join(sorted(users))} share key {fp} and "
+                    f"{', '.join(sorted(unscoped))} set no audience or issuer: "
+                    "each accepts the other's tokens",
+                )
+            )
+    return warnings
+
+
+def compile_config(loaded: LoadedConfig, clock: Clock) -> CompiledConfig:
+    """Check and compile everything, or raise `ConfigError` with every problem found."""
+    settings = loaded.settings
+    problems: list[Problem] = []
+    cache = TokenCache(settings.verified_token_cache.max_entries)
+
+    folded = Counter(p.lower() for p in settings.projects)
+    problems.extend(
+        Problem(f"projects.{project_id}", "another project id differs only by case")
+        for project_id in settings.projects
+        if folded[project_id.lower()] > 1
+    )
+
+    projects: dict[str, Project] = {}
+    for project_id, project_settings in settings.projects.items():
+        path = f"projects.{project_id}"
+        _check_api_keys(project_settings, path, problems)
+        projects[project_id] = _compile_project(
+            loaded=loaded,
+            project_id=project_id,
+            label=project_id,
+            settings=project_settings,
+            path=path,
+            cache=cache,
+            clock=clock,
+            problems=problems,
+        )
+    _check_api_keys(settings.defaults, "defaults", problems)
+    other = _compile_project(
+        loaded=loaded,
+        project_id=OTHER_PROJECTS,
+        label=OTHER_PROJECTS,
+        settings=settings.defaults,
+        path="defaults",
+        cache=cache,
+        clock=clock,
+        problems=problems,
+    )
+
+    names = Counter(r.name for r in settings.routes)
+    entries = []
+    for index, route_settings in enumerate(settings.routes):
+        if names[route_settings.name] > 1:
+            problems.append(
+                Problem(f"routes[{index}].name", f"{route_settings.name!r} names two routes")
+            )
+        entry = _compile_route(route_settings, settings, index, problems)
+        if entry is not None:
+            _check_route_projects(entry.route, index, settings, problems)
+            entries.append(entry)
+
+    if problems:
+        raise ConfigError(problems)
+    return CompiledConfig(
+        settings=settings,
+        source=loaded.source,
+        router=Router(entries),
+        projects={k.lower(): v for k, v in projects.items()},
+        other_projects=other,
+        trusted_proxies=tuple(
+            ipaddress.ip_network(c, strict=False) for c in settings.trusted_proxies
+        ),
+        warnings=tuple(_warnings(settings, projects)),
+        digest=hashlib.sha256(settings.model_dump_json().encode()).hexdigest(),
+        key_fingerprints={
+            p: tuple((k.kid, k.fingerprint) for k in proj.verifier.keys.keys)
+            if proj.verifier
+            else ()
+            for p, proj in projects.items()
+        },
+    )

@@ -1,0 +1,371 @@
+"""YAML → typed, validated, frozen settings (SPEC §3).
+
+Three passes, each reporting every problem it finds with its YAML path: the YAML itself (with
+duplicate keys refused), `${NAME}` substitution in string values, then the typed schema. What
+needs more than one field to judge (keys, routes against projects) is checked by `compiled.py`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """A config that must not serve; carries every problem found, each with its YAML path."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def yaml_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+# --- YAML --------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(str(path), "not UTF-8 text")]) from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 — a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(str(path), f"invalid YAML: {exc}")]) from None
+
+
+# --- ${NAME} substitution ----------------------------------------------------------------------
+
+_VARIABLE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})")
+
+
+def substitute_env(
+    node: Any, env: Mapping[str, str], problems: list[Problem], loc: tuple[int | str, ...] = ()
+) -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in string values; `$$` is a literal `$`.
+
+    Runs on parsed YAML, so a variable's value is always a scalar and never adds structure.
+    """
+    if isinstance(node, dict):
+        return {k: substitute_env(v, env, problems, (*loc, str(k))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute_env(v, env, problems, (*loc, i)) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "$" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(1) == "$":
+            return "$"
+        name, default = match.group(2), match.group(3)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(Problem(yaml_path(loc), f"environment variable {name} is not set"))
+        return ""
+
+    return _VARIABLE.sub(replace, node)
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _listen_address(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError("HOST must be an IP address or localhost") from None
+    return value
+
+
+ListenAddress = Annotated[str, BeforeValidator(_listen_address)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class UpstreamSettings(_Settings):
+    url: str = "http://127.0.0.1:8000"
+    connect_timeout_seconds: PositiveSeconds = 2.0
+    timeout_seconds: PositiveSeconds = 30.0
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.fullmatch(r"http://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9._~\-/]*)?", value):
+            raise ValueError("expected http://HOST[:PORT][/PREFIX] with no query or fragment")
+        return value.rstrip("/")
+
+
+class LimitsSettings(_Settings):
+    max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
+    max_decompressed_bytes: Annotated[int, Field(ge=1)] = 8_388_608
+    max_token_bytes: Annotated[int, Field(ge=256, le=65_536)] = 8192
+    body_timeout_seconds: PositiveSeconds = 30.0
+
+
+class ShutdownSettings(_Settings):
+    drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
+    grace_seconds: Annotated[float, Field(ge=0)] = 20.0
+
+
+class FailureCounterSettings(_Settings):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    redis_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 50
+    threshold: Annotated[int, Field(ge=1)] = 10
+    session_ttl_seconds: Annotated[int, Field(ge=1)] = 1800
+    max_sessions: Annotated[int, Field(ge=1)] = 100_000
+
+
+class VerifiedTokenCacheSettings(_Settings):
+    max_entries: Annotated[int, Field(ge=0)] = 100_000
+
+
+class AccessLogSettings(_Settings):
+    enabled: bool = True
+
+
+class SubjectSettings(_Settings):
+    claim: Annotated[str, Field(min_length=1)] = "sub"
+    format: Literal["key_value"] = "key_value"
+    key: Annotated[str, Field(min_length=1)] = "uid"
+
+
+class KeySettings(_Settings):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    description: str = ""
+    pem: str | None = None
+    pem_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySettings:
+        if (self.pem is None) == (self.pem_file is None):
+            raise ValueError("give exactly one of pem, pem_file")
+        return self
+
+
+Mode = Literal["disabled", "monitor", "required"]
+Algorithm = Literal["RS256", "RS384", "RS512"]
+
+
+class ProjectSettings(_Settings):
+    mode: Mode = "disabled"
+    algorithms: Annotated[tuple[Algorithm, ...], Field(min_length=1)] = ("RS256", "RS512")
+    subject: SubjectSettings = SubjectSettings()
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    max_token_lifetime_seconds: Annotated[int, Field(ge=0)] = 0
+    expiry_warning_seconds: Annotated[int, Field(ge=0)] = 300
+    api_keys: tuple[str, ...] = ()
+    keys: tuple[KeySettings, ...] = ()
+
+
+class SourceSettings(_Settings):
+    json_path: Annotated[str | None, Field(alias="json")] = None
+    header: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = None
+    query: Annotated[str | None, Field(min_length=1)] = None
+    scheme: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_place(self) -> SourceSettings:
+        given = [n for n in ("json_path", "header", "query") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, header, query")
+        if self.scheme is not None and self.header is None:
+            raise ValueError("scheme applies to header sources only")
+        return self
+
+
+class ProjectFromSettings(_Settings):
+    header: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = None
+    id: Annotated[str | None, Field(min_length=1)] = None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> ProjectFromSettings:
+        if (self.header is None) == (self.id is None):
+            raise ValueError("give exactly one of header, id")
+        return self
+
+
+AuthMethod = Literal["none", "api_key", "sdk_jwt"]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class RouteSettings(_Settings):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    methods: Annotated[tuple[HttpMethod, ...], Field(min_length=1)]
+    path: Annotated[str, Field(min_length=1)]
+    auth: Annotated[tuple[AuthMethod, ...], Field(min_length=1)]
+    project: ProjectFromSettings | None = None
+    identity: tuple[SourceSettings, ...] | None = None
+    token: tuple[SourceSettings, ...] | None = None
+    session: tuple[SourceSettings, ...] | None = None
+    forward_token: bool = False
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [v.upper() if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _none_alone(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "none" in value and len(value) > 1:
+            raise ValueError("none cannot be combined with other auth methods")
+        if len(set(value)) != len(value):
+            raise ValueError("an auth method is listed twice")
+        return value
+
+
+class Settings(_Settings):
+    listen: ListenAddress = "0.0.0.0:8080"
+    admin_listen: ListenAddress = "127.0.0.1:9090"
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+    trusted_proxies: tuple[str, ...] = ()
+    upstream: UpstreamSettings = UpstreamSettings()
+    limits: LimitsSettings = LimitsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    failure_counter: FailureCounterSettings = FailureCounterSettings()
+    verified_token_cache: VerifiedTokenCacheSettings = VerifiedTokenCacheSettings()
+    access_log: AccessLogSettings = AccessLogSettings()
+    defaults: ProjectSettings = ProjectSettings()
+    projects: dict[str, ProjectSettings] = {}
+    identity: tuple[SourceSettings, ...] = ()
+    token: tuple[SourceSettings, ...] = ()
+    session: tuple[SourceSettings, ...] = ()
+    routes: Annotated[tuple[RouteSettings, ...], Field(min_length=1)]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR") from None
+        return value
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+# Values at these places may be credentials; problems about them never echo the value.
+_SECRET_FIELDS = ("pem", "secret", "api_keys", "redis_url")
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _describe(error: Mapping[str, Any]) -> Problem:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    path = yaml_path(loc)
+    message = _MESSAGES.get(error["type"], str(error["msg"]))
+    message = message.removeprefix("Value error, ")
+    if error["type"] == "missing" or any(str(p) in _SECRET_FIELDS for p in loc):
+        return Problem(path, message)
+    bad = error.get("input")
+    if isinstance(bad, dict):
+        return Problem(path, message)
+    return Problem(path, f"{message} (got {bad!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    settings: Settings
+    source: Path
+    base_dir: Path
+
+
+def parse_settings(raw: Any, source: Path, env: Mapping[str, str]) -> LoadedConfig:
+    problems: list[Problem] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem("", "the config must be a YAML mapping")])
+    substituted = substitute_env(raw, env, problems)
+    try:
+        settings = Settings.model_validate(substituted)
+    except ValidationError as exc:
+        problems.extend(_describe(e) for e in exc.errors(include_url=False))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(settings, source, source.parent)
+
+
+def load_settings(path: Path, env: Mapping[str, str] | None = None) -> LoadedConfig:
+    return parse_settings(read_yaml(path), path.resolve(), os.environ if env is None else env)

@@ -1,0 +1,41 @@
+"""The embedded failure counter: one process's memory, least recently used sessions evicted."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from gateway.clock import Clock
+from gateway.counters import FailureCount, SessionKey
+
+
+class MemoryFailureCounter:
+    backend = "memory"
+
+    def __init__(self, *, ttl_seconds: int, max_sessions: int, clock: Clock) -> None:
+        self._ttl = ttl_seconds
+        self._max_sessions = max_sessions
+        self._clock = clock
+        # session → (count, end of the window fixed at the session's first failure)
+        self._sessions: OrderedDict[SessionKey, tuple[int, float]] = OrderedDict()
+
+    async def record_failure(self, key: SessionKey) -> FailureCount:
+        now = self._clock.now()
+        count, window_end = self._sessions.get(key, (0, 0.0))
+        if window_end <= now:
+            count, window_end = 0, now + self._ttl
+        count += 1
+        self._sessions[key] = (count, window_end)
+        self._sessions.move_to_end(key)
+        if len(self._sessions) > self._max_sessions:
+            self._sessions.popitem(last=False)
+        return FailureCount(count, max(1, math.ceil(window_end - now)))
+
+    def reset(self, key: SessionKey) -> None:
+        self._sessions.pop(key, None)
+
+    async def close(self) -> None:
+        self._sessions.clear()
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,70 @@
+"""Mode + extraction + verification → one decision (SPEC §4).
+
+`authenticate` runs the sdk_jwt checks in the contract's order and raises `Rejected` at the
+first failure; `Attempt` keeps what was learnt on the way, because a token failure is counted
+against the session the request named even though the request itself was refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from gateway.compiled import API_KEY_SOURCE, Project, Route
+from gateway.extract import (
+    FoundToken,
+    RequestParts,
+    extract_identity,
+    extract_session,
+    extract_token,
+)
+from gateway.reasons import Reason, Rejected
+from gateway.verify import VerifiedToken
+
+
+class AuthStatus(Enum):
+    """`X-Auth-Status` as forwarded; `gateway_auth_decisions_total{decision}` adds `rejected`."""
+
+    VERIFIED = "verified"
+    ANONYMOUS = "anonymous"
+    DISABLED = "disabled"
+    UNVERIFIED = "unverified"  # a `monitor` failure, forwarded anyway
+
+
+@dataclass(slots=True)
+class Attempt:
+    identity: str | None = None
+    session_id: str | None = None
+    token: FoundToken | None = None
+    verified: VerifiedToken | None = None
+
+
+def check_api_key(project: Project, parts: RequestParts) -> None:
+    values = parts.headers.get(API_KEY_SOURCE.name, ())
+    keys = [v.strip()[6:].strip() for v in values if v.strip()[:6].lower() == "token "]
+    if not keys:
+        raise Rejected(Reason.API_KEY_MISSING)
+    if len(keys) > 1:
+        raise Rejected(Reason.HEADER_DUPLICATE)
+    if not project.api_key_matches(keys[0]):
+        raise Rejected(Reason.API_KEY_INVALID)
+
+
+def authenticate(
+    route: Route, project: Project, parts: RequestParts, max_token_bytes: int, attempt: Attempt
+) -> AuthStatus:
+    """VERIFIED or ANONYMOUS, filling `attempt` as it goes; raises `Rejected` otherwise."""
+    attempt.identity = extract_identity(route.identity, parts)
+    attempt.session_id = extract_session(route.session, parts)
+    attempt.token = extract_token(route.token, parts, max_token_bytes)
+    if attempt.token is None:
+        if attempt.identity is None:
+            return AuthStatus.ANONYMOUS
+        raise Rejected(Reason.TOKEN_MISSING)
+    if project.verifier is None:
+        raise Rejected(Reason.KEYS_UNAVAILABLE)
+    verified = project.verifier.verify(attempt.token.token)
+    if attempt.identity is not None and attempt.identity != verified.user:
+        raise Rejected(Reason.SUBJECT_MISMATCH)
+    attempt.verified = verified
+    return AuthStatus.VERIFIED

@@ -1,0 +1,267 @@
+"""Identity, token and session from a request's headers, query and JSON body (SPEC §4).
+
+Every configured place is read, and a place that could be read two ways is refused: a header
+sent twice (or once as `X-User-Id` and once as `X_User_Id`, which CGI-style servers merge), a
+query parameter sent twice, a JSON key in two letter cases, two different values anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from gateway.reasons import Reason, Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSource:
+    name: str  # lower case, `_` read as `-`
+    scheme: str | None  # lower case
+
+    def __str__(self) -> str:
+        return f"header {self.name}" + (f" ({self.scheme})" if self.scheme else "")
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySource:
+    name: str
+
+    def __str__(self) -> str:
+        return f"query {self.name}"
+
+
+STAR = None  # a `[*]` step in a JSON path
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSource:
+    path: str
+    steps: tuple[str | None, ...]  # key names, or STAR for every element of an array
+
+    def __str__(self) -> str:
+        return f"json {self.path}"
+
+
+Source = HeaderSource | QuerySource | JsonSource
+
+_JSON_PATH_TOKEN = re.compile(r"\[\*\]|[^.\[\]]+|\.")
+
+
+def parse_json_path(path: str) -> tuple[str | None, ...]:
+    """`commands[*].data.customer_ids` → ("commands", STAR, "data", "customer_ids")."""
+    steps: list[str | None] = []
+    expect_name = True
+    position = 0
+    for match in _JSON_PATH_TOKEN.finditer(path):
+        if match.start() != position:
+            break
+        piece = match.group()
+        position = match.end()
+        if piece == ".":
+            if expect_name:
+                raise ValueError("empty key")
+            expect_name = True
+        elif piece == "[*]":
+            if not steps or expect_name:
+                raise ValueError("[*] must follow a key")
+            steps.append(STAR)
+        else:
+            if not expect_name:
+                raise ValueError("keys must be separated by .")
+            steps.append(piece)
+            expect_name = False
+    if position != len(path) or expect_name:
+        raise ValueError("expected keys separated by . with optional [*]")
+    return tuple(steps)
+
+
+def normalise_header_name(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def collect_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]], watched: frozenset[str]
+) -> dict[str, list[str]]:
+    """The values of the watched headers, by normalised name, in the order they came."""
+    found: dict[str, list[str]] = {}
+    for raw_name, raw_value in raw_headers:
+        name = normalise_header_name(raw_name.decode("latin-1"))
+        if name not in watched:
+            continue
+        try:
+            value = raw_value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected(Reason.HEADER_INVALID) from None
+        found.setdefault(name, []).append(value)
+    return found
+
+
+def parse_query(raw_query: str | None) -> dict[str, list[str]]:
+    """Query parameters as the upstream's form decoder reads them (`+` is a space)."""
+    if not raw_query:
+        return {}
+    if ";" in raw_query:
+        # Some frameworks also split on `;`: refuse rather than guess which reading applies.
+        raise Rejected(Reason.QUERY_INVALID)
+    params: dict[str, list[str]] = {}
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        try:
+            params.setdefault(unquote_plus(name, errors="strict"), []).append(
+                unquote_plus(value, errors="strict")
+            )
+        except UnicodeDecodeError:
+            raise Rejected(Reason.QUERY_INVALID) from None
+    return params
+
+
+_ABSENT: Any = object()
+
+
+def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
+    """Every value at the end of `steps`; a missing key drops that branch, a wrong type is 400."""
+    current = [document]
+    for step in steps:
+        following: list[Any] = []
+        if step is STAR:
+            for node in current:
+                if not isinstance(node, list):
+                    raise Rejected(Reason.IDENTITY_NOT_ARRAY)
+                following.extend(node)
+        else:
+            folded = step.lower()
+            for node in current:
+                if not isinstance(node, dict):
+                    raise Rejected(Reason.IDENTITY_NOT_OBJECT)
+                if len(node) > 1 and any(k != step and k.lower() == folded for k in node):
+                    # A case-insensitive upstream could read the other spelling.
+                    raise Rejected(Reason.CASE_VARIANT_KEY)
+                value = node.get(step, _ABSENT)
+                if value is not _ABSENT:
+                    following.append(value)
+        current = following
+    return current
+
+
+_IDENTITY_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+
+
+def _identity_value(value: Any) -> str:
+    if not isinstance(value, str) or not _IDENTITY_TEXT.fullmatch(value):
+        raise Rejected(Reason.IDENTITY_INVALID)
+    return value
+
+
+@dataclass(slots=True)
+class RequestParts:
+    """What extraction reads: the watched headers, the query (when a source needs it), the body."""
+
+    headers: dict[str, list[str]]
+    query: dict[str, list[str]]
+    body: Any = _ABSENT  # the parsed JSON document, when the route reads one
+
+
+def _single_header(parts: RequestParts, name: str) -> str | None:
+    values = parts.headers.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Rejected(Reason.HEADER_DUPLICATE)
+    return values[0]
+
+
+def _single_query(parts: RequestParts, name: str) -> str | None:
+    values = parts.query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Rejected(Reason.QUERY_DUPLICATE)
+    return values[0]
+
+
+def _values_at(source: Source, parts: RequestParts) -> list[Any]:
+    if isinstance(source, HeaderSource):
+        value: Any = _single_header(parts, source.name)
+        return [] if value is None else [value]
+    if isinstance(source, QuerySource):
+        value = _single_query(parts, source.name)
+        return [] if value is None else [value]
+    if parts.body is _ABSENT:
+        return []
+    return walk_json(parts.body, source.steps)
+
+
+def extract_identity(sources: Sequence[Source], parts: RequestParts) -> str | None:
+    """The one user the request names, or None when it names none (anonymous)."""
+    identity: str | None = None
+    for source in sources:
+        for raw in _values_at(source, parts):
+            value = _identity_value(raw)
+            if identity is None:
+                identity = value
+            elif value != identity:
+                raise Rejected(Reason.IDENTITY_CONFLICT)
+    return identity
+
+
+def _token_from_header(value: str, scheme: str | None) -> str | None:
+    if scheme is None:
+        return value.strip() or None
+    given, _, rest = value.strip().partition(" ")
+    if given.lower() != scheme:
+        return None
+    return rest.strip() or None
+
+
+@dataclass(frozen=True, slots=True)
+class FoundToken:
+    token: str
+    sources: tuple[Source, ...]  # every place it was found, so it can be stripped from each
+
+
+def extract_token(
+    sources: Sequence[HeaderSource | QuerySource], parts: RequestParts, max_bytes: int
+) -> FoundToken | None:
+    """The request's one token; two different tokens are refused, since each reader could
+    pick another one."""
+    token: str | None = None
+    found_in: list[Source] = []
+    for source in sources:
+        if isinstance(source, HeaderSource):
+            raw_values = parts.headers.get(source.name, ())
+            values = [t for v in raw_values if (t := _token_from_header(v, source.scheme))]
+        else:
+            values = [v.strip() for v in parts.query.get(source.name, ()) if v.strip()]
+        if len(values) > 1:
+            raise Rejected(Reason.TOKEN_DUPLICATE)
+        if not values:
+            continue
+        if token is not None and values[0] != token:
+            raise Rejected(Reason.TOKEN_DUPLICATE)
+        token = values[0]
+        found_in.append(source)
+    if token is None:
+        return None
+    if len(token) > max_bytes:
+        raise Rejected(Reason.TOKEN_TOO_LARGE)
+    return FoundToken(token, tuple(found_in))
+
+
+MAX_SESSION_ID_BYTES = 128
+
+
+def extract_session(sources: Sequence[Source], parts: RequestParts) -> str | None:
+    """The first session id found; it only keys the failure counter, so one is enough."""
+    for source in sources:
+        for raw in _values_at(source, parts):
+            if not isinstance(raw, str) or not _IDENTITY_TEXT.fullmatch(raw):
+                raise Rejected(Reason.SESSION_ID_INVALID)
+            if len(raw.encode()) > MAX_SESSION_ID_BYTES:
+                raise Rejected(Reason.SESSION_ID_TOO_LONG)
+            return raw
+    return None

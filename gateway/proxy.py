@@ -1,0 +1,239 @@
+"""Forwarding to the tracking API and relaying its answer unchanged (SPEC §5).
+
+One pooled client session for the process. An upstream that cannot be reached, times out or
+breaks mid-answer is a 502/504 from us, never a 2xx: the SDK keeps its batch and retries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote_plus
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config import UpstreamSettings
+from gateway.extract import normalise_header_name
+from gateway.reasons import Reason, Rejected
+
+# Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
+_REQUEST_DROPPED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "host",
+        "content-length",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-auth-status",
+        "x-authenticated-user",
+    }
+)
+_RESPONSE_DROPPED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _connection_named(values: Iterable[str]) -> set[str]:
+    return {normalise_header_name(n.strip()) for v in values for n in v.split(",") if n.strip()}
+
+
+def is_trusted(address: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    if not trusted or address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]
+) -> str | None:
+    """The first address, from the right, that is not one of our trusted proxies."""
+    if not is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def strip_query(raw_query: str | None, names: frozenset[str]) -> str | None:
+    """The raw query without the named parameters (read as the upstream decodes names)."""
+    if not raw_query or not names:
+        return raw_query
+    kept = [p for p in raw_query.split("&") if unquote_plus(p.partition("=")[0]) not in names]
+    return "&".join(kept) if kept else None
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarding:
+    """What the gateway adds to, or removes from, a request it forwards."""
+
+    request_id: str
+    auth_status: str
+    authenticated_user: str | None
+    peer: str | None
+    peer_trusted: bool
+    drop: frozenset[str]  # further normalised names: token headers, a decoded Content-Encoding
+    token_scheme_drop: frozenset[tuple[str, str]]  # (name, scheme): only values with that scheme
+
+
+def forward_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]], forwarding: Forwarding
+) -> CIMultiDict[str]:
+    """The request's headers as the upstream gets them; one pass over what was received."""
+    received = [
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw_headers
+    ]
+    normalised = [normalise_header_name(name) for name, _ in received]
+    connection_named = _connection_named(
+        v for n, (_, v) in zip(normalised, received, strict=True) if n == "connection"
+    )
+    out: CIMultiDict[str] = CIMultiDict()
+    forwarded_for: list[str] = []
+    kept_forwarded: dict[str, str] = {}
+    for key, (name, value) in zip(normalised, received, strict=True):
+        if key in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"):
+            if forwarding.peer_trusted:
+                if key == "x-forwarded-for":
+                    forwarded_for.append(value)
+                elif key == "forwarded":
+                    out.add(name, value)
+                else:
+                    kept_forwarded.setdefault(key, value)
+            continue
+        if key in _REQUEST_DROPPED or key in connection_named or key in forwarding.drop:
+            continue
+        if forwarding.token_scheme_drop and any(
+            key == n and value.strip().lower().startswith(s + " ")
+            for n, s in forwarding.token_scheme_drop
+        ):
+            continue
+        out.add(name, value)
+    host = next((v for k, (_, v) in zip(normalised, received, strict=True) if k == "host"), "")
+    forwarded_for.append(forwarding.peer or "unknown")
+    out["X-Forwarded-For"] = ", ".join(forwarded_for)
+    out["X-Forwarded-Proto"] = kept_forwarded.get("x-forwarded-proto", "http")
+    out["X-Forwarded-Host"] = kept_forwarded.get("x-forwarded-host", host)
+    out["X-Request-Id"] = forwarding.request_id
+    out["X-Auth-Status"] = forwarding.auth_status
+    if forwarding.authenticated_user is not None:
+        out["X-Authenticated-User"] = forwarding.authenticated_user
+    return out
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    pairs = list(headers)
+    connection_named = _connection_named(v for n, v in pairs if n.lower() == "connection")
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in pairs:
+        key = name.lower()
+        if key not in _RESPONSE_DROPPED and key not in connection_named:
+            out.add(name, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    rest: aiohttp.ClientResponse | None  # still streaming when the body outgrew the buffer
+
+
+class Upstream:
+    """The pooled client to the tracking API."""
+
+    # An answer up to this size is read whole before we reply, so an upstream that breaks
+    # mid-answer still gets a 502 rather than a truncated 2xx.
+    BUFFER_BYTES = 1 << 20
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._root = settings.url  # validated: http://host[:port][/prefix], no trailing /
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_seconds, sock_connect=settings.connect_timeout_seconds
+        )
+        self._max_connections = settings.max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def send(
+        self, method: str, path: str, query: str | None, headers: CIMultiDict[str], body: bytes
+    ) -> UpstreamAnswer:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        # Path and query were validated as plain RFC 3986 text: sent exactly as received.
+        target = self._root + path if query is None else f"{self._root}{path}?{query}"
+        url = URL(target, encoded=True)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body or None, allow_redirects=False
+            )
+            head = await response.content.read(self.BUFFER_BYTES)
+        except aiohttp.ClientConnectorError:
+            raise Rejected(Reason.UPSTREAM_CONNECT) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise Rejected(Reason.UPSTREAM_CONNECT) from None
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise Rejected(Reason.UPSTREAM_TIMEOUT) from None
+        except aiohttp.ClientError:
+            if response is not None:
+                response.close()
+            raise Rejected(Reason.UPSTREAM_BROKEN) from None
+        complete = response.content.at_eof()
+        if complete:
+            response.release()
+        return UpstreamAnswer(
+            response.status,
+            response_headers(response.headers.items()),
+            head,
+            None if complete else response,
+        )

@@ -1,0 +1,162 @@
+"""The closed set of reasons a request is refused, each mapped once to the contract's answer.
+
+Every stage raises `Rejected(Reason.X)`; nothing else decides a status code, a `WWW-Authenticate`
+header, whether the session counter moves, or the `code` label of a metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    status: int
+    message: str
+    www_authenticate: str | None = None
+    retry_after: bool = False
+
+
+class Code(Enum):
+    """SPEC §5 error codes; the value is the status and the fixed parts of the answer."""
+
+    BAD_REQUEST = ErrorSpec(400, "The request is malformed or ambiguous.")
+    TOKEN_NOT_PROVIDED = ErrorSpec(
+        401, "An SDK authentication token is required for identified users.", "Bearer"
+    )
+    TOKEN_EXPIRED = ErrorSpec(
+        401, "The SDK authentication token has expired.", 'Bearer error="invalid_token"'
+    )
+    TOKEN_REJECTED = ErrorSpec(
+        401, "The SDK authentication token was rejected.", 'Bearer error="invalid_token"'
+    )
+    API_KEY_NOT_PROVIDED = ErrorSpec(401, "An API key is required.")
+    API_KEY_REJECTED = ErrorSpec(401, "The API key was rejected.")
+    ROUTE_NOT_FOUND = ErrorSpec(404, "No route matches this path.")
+    METHOD_NOT_ALLOWED = ErrorSpec(405, "This route does not accept this method.")
+    PAYLOAD_TOO_LARGE = ErrorSpec(413, "The request body is too large.")
+    UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "The request body's type or encoding is not supported.")
+    AUTH_FAILURE_LIMIT = ErrorSpec(
+        429, "Too many authentication failures in this session.", retry_after=True
+    )
+    INTERNAL_ERROR = ErrorSpec(500, "The gateway failed to handle this request.")
+    UPSTREAM_UNAVAILABLE = ErrorSpec(
+        502, "The tracking API could not be reached; retry later.", retry_after=True
+    )
+    SHUTTING_DOWN = ErrorSpec(503, "The gateway is shutting down; retry on another instance.")
+    KEYS_UNAVAILABLE = ErrorSpec(
+        503, "Verification keys are unavailable; retry later.", retry_after=True
+    )
+    UPSTREAM_TIMEOUT = ErrorSpec(504, "The tracking API did not answer in time.")
+
+    @property
+    def status(self) -> int:
+        return self.value.status
+
+    @property
+    def counts_for_session(self) -> bool:
+        """Only token failures move a session's counter (SPEC §4)."""
+        return self.name.startswith("TOKEN_")
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonSpec:
+    code: Code
+    phrase: str
+
+
+def _r(code: Code, phrase: str) -> ReasonSpec:
+    return ReasonSpec(code, phrase)
+
+
+class Reason(Enum):
+    """Why a request was refused. `phrase` is the stable `reason` of the answer and the logs."""
+
+    # path and route
+    PATH_INVALID = _r(Code.BAD_REQUEST, "path_invalid")
+    ROUTE_NOT_FOUND = _r(Code.ROUTE_NOT_FOUND, "route_not_found")
+    METHOD_NOT_ALLOWED = _r(Code.METHOD_NOT_ALLOWED, "method_not_allowed")
+    PROJECT_HEADER_MISSING = _r(Code.BAD_REQUEST, "project_header_missing")
+    PROJECT_HEADER_DUPLICATE = _r(Code.BAD_REQUEST, "project_header_duplicate")
+    # sizes and encodings
+    BODY_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "body_too_large")
+    BODY_TIMEOUT = _r(Code.BAD_REQUEST, "body_timeout")
+    DECOMPRESSED_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "decompressed_too_large")
+    ENCODING_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "encoding_unsupported")
+    ENCODING_INVALID = _r(Code.BAD_REQUEST, "encoding_invalid")
+    MEDIA_TYPE_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "media_type_unsupported")
+    CHARSET_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "charset_unsupported")
+    # api key
+    API_KEY_MISSING = _r(Code.API_KEY_NOT_PROVIDED, "api_key_missing")
+    API_KEY_INVALID = _r(Code.API_KEY_REJECTED, "api_key_invalid")
+    # identity and other request parts
+    JSON_INVALID = _r(Code.BAD_REQUEST, "json_invalid")
+    DUPLICATE_KEY = _r(Code.BAD_REQUEST, "duplicate_key")
+    CASE_VARIANT_KEY = _r(Code.BAD_REQUEST, "case_variant_key")
+    IDENTITY_NOT_OBJECT = _r(Code.BAD_REQUEST, "identity_path_not_object")
+    IDENTITY_NOT_ARRAY = _r(Code.BAD_REQUEST, "identity_path_not_array")
+    IDENTITY_INVALID = _r(Code.BAD_REQUEST, "identity_invalid")
+    IDENTITY_CONFLICT = _r(Code.BAD_REQUEST, "identity_conflict")
+    HEADER_DUPLICATE = _r(Code.BAD_REQUEST, "header_duplicate")
+    HEADER_INVALID = _r(Code.BAD_REQUEST, "header_invalid")
+    QUERY_DUPLICATE = _r(Code.BAD_REQUEST, "query_duplicate")
+    QUERY_INVALID = _r(Code.BAD_REQUEST, "query_invalid")
+    SESSION_ID_TOO_LONG = _r(Code.BAD_REQUEST, "session_id_too_long")
+    SESSION_ID_INVALID = _r(Code.BAD_REQUEST, "session_id_invalid")
+    # token extraction
+    TOKEN_MISSING = _r(Code.TOKEN_NOT_PROVIDED, "token_missing")
+    TOKEN_DUPLICATE = _r(Code.TOKEN_REJECTED, "token_duplicate")
+    TOKEN_TOO_LARGE = _r(Code.TOKEN_REJECTED, "token_too_large")
+    # keys
+    KEYS_UNAVAILABLE = _r(Code.KEYS_UNAVAILABLE, "keys_unavailable")
+    # token header and signature
+    TOKEN_MALFORMED = _r(Code.TOKEN_REJECTED, "malformed")
+    TOKEN_DUPLICATE_KEY = _r(Code.TOKEN_REJECTED, "duplicate_key")
+    ALG_MISSING = _r(Code.TOKEN_REJECTED, "alg_missing")
+    ALG_NOT_ALLOWED = _r(Code.TOKEN_REJECTED, "alg_not_allowed")
+    TYP_INVALID = _r(Code.TOKEN_REJECTED, "typ_invalid")
+    CRIT_UNSUPPORTED = _r(Code.TOKEN_REJECTED, "crit_unsupported")
+    KID_INVALID = _r(Code.TOKEN_REJECTED, "kid_invalid")
+    KID_UNKNOWN = _r(Code.TOKEN_REJECTED, "kid_unknown")
+    NO_COMPATIBLE_KEY = _r(Code.TOKEN_REJECTED, "no_compatible_key")
+    SIGNATURE_INVALID = _r(Code.TOKEN_REJECTED, "signature_invalid")
+    # claims
+    EXPIRED = _r(Code.TOKEN_EXPIRED, "expired")
+    EXP_MISSING = _r(Code.TOKEN_REJECTED, "exp_missing")
+    EXP_INVALID = _r(Code.TOKEN_REJECTED, "exp_invalid")
+    NBF_INVALID = _r(Code.TOKEN_REJECTED, "nbf_invalid")
+    IAT_INVALID = _r(Code.TOKEN_REJECTED, "iat_invalid")
+    NOT_YET_VALID = _r(Code.TOKEN_REJECTED, "not_yet_valid")
+    ISSUED_IN_FUTURE = _r(Code.TOKEN_REJECTED, "issued_in_future")
+    LIFETIME_TOO_LONG = _r(Code.TOKEN_REJECTED, "lifetime_too_long")
+    AUDIENCE_INVALID = _r(Code.TOKEN_REJECTED, "audience_invalid")
+    ISSUER_INVALID = _r(Code.TOKEN_REJECTED, "issuer_invalid")
+    SUBJECT_INVALID = _r(Code.TOKEN_REJECTED, "subject_invalid")
+    SUBJECT_MISMATCH = _r(Code.TOKEN_REJECTED, "subject_mismatch")
+    # gateway and upstream
+    SESSION_LIMITED = _r(Code.AUTH_FAILURE_LIMIT, "session_limited")
+    SHUTTING_DOWN = _r(Code.SHUTTING_DOWN, "shutting_down")
+    UPSTREAM_CONNECT = _r(Code.UPSTREAM_UNAVAILABLE, "upstream_connect_failed")
+    UPSTREAM_BROKEN = _r(Code.UPSTREAM_UNAVAILABLE, "upstream_failed")
+    UPSTREAM_TIMEOUT = _r(Code.UPSTREAM_TIMEOUT, "upstream_timeout")
+    INTERNAL = _r(Code.INTERNAL_ERROR, "internal_error")
+    HTTP_MALFORMED = _r(Code.BAD_REQUEST, "http_malformed")
+
+    @property
+    def code(self) -> Code:
+        return self.value.code
+
+    @property
+    def phrase(self) -> str:
+        return self.value.phrase
+
+
+class Rejected(Exception):  # a verdict on the request, not an error of the gateway
+    """Raised by any stage to refuse a request; carries nothing a client sent."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: Reason) -> None:
+        super().__init__(reason.phrase)
+        self.reason = reason

@@ -1,0 +1,114 @@
+"""Request targets: strict path validation, then first-match routing on compiled templates.
+
+The path is accepted only in a form with one reading (RFC 3986 unreserved characters and `/`,
+no empty, `.` or `..` segment), so the path matched is byte for byte the path forwarded and no
+upstream can normalise it into another route.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from gateway.reasons import Reason, Rejected
+
+_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+")
+_QUERY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
+_SEGMENT_CHARS = "[A-Za-z0-9._~-]+"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    path: str
+    query: str | None  # raw, as received; None when the target has no `?`
+
+
+def parse_target(raw: str) -> Target:
+    path, sep, query = raw.partition("?")
+    if not _PATH.fullmatch(path):
+        raise Rejected(Reason.PATH_INVALID)
+    if sep and not _QUERY.fullmatch(query):
+        raise Rejected(Reason.PATH_INVALID)
+    return Target(path, query if sep else None)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def compile_template(template: str) -> re.Pattern[str]:
+    """`/a/{project}/b/{id:[0-9]{4}}` → a regex with one named group per placeholder."""
+    if not template.startswith("/"):
+        raise TemplateError("must start with /")
+    out: list[str] = []
+    names: set[str] = set()
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if char == "}":
+            raise TemplateError(f"unbalanced }} at offset {i}")
+        if char != "{":
+            if not (char == "/" or re.fullmatch(_SEGMENT_CHARS, char)):
+                raise TemplateError(f"character {char!r} can never match a valid path")
+            out.append(re.escape(char))
+            i += 1
+            continue
+        depth, j = 1, i + 1
+        while j < len(template) and depth:
+            depth += {"{": 1, "}": -1}.get(template[j], 0)
+            j += 1
+        if depth:
+            raise TemplateError(f"unclosed {{ at offset {i}")
+        name, _, pattern = template[i + 1 : j - 1].partition(":")
+        if not name.isidentifier():
+            raise TemplateError(f"placeholder name {name!r} is not an identifier")
+        if name in names:
+            raise TemplateError(f"placeholder {name!r} appears twice")
+        names.add(name)
+        out.append(f"(?P<{name}>{pattern or _SEGMENT_CHARS})")
+        i = j
+    if "//" in template:
+        raise TemplateError("has an empty segment")
+    try:
+        return re.compile("".join(out))
+    except re.error as exc:
+        raise TemplateError(f"placeholder regex does not compile: {exc}") from None
+
+
+RouteT = TypeVar("RouteT")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry(Generic[RouteT]):
+    pattern: re.Pattern[str]
+    methods: frozenset[str]
+    route: RouteT
+
+
+class Router(Generic[RouteT]):
+    """First match wins; a path that matches only under other methods is a 405 with `Allow`."""
+
+    def __init__(self, entries: list[RouteEntry[RouteT]]) -> None:
+        self._entries = tuple(entries)
+
+    def match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
+        allowed: set[str] = set()
+        for entry in self._entries:
+            found = entry.pattern.fullmatch(path)
+            if found is None:
+                continue
+            if method in entry.methods:
+                return entry.route, found.groupdict()
+            allowed |= entry.methods
+        if allowed:
+            raise MethodNotAllowed(", ".join(sorted(allowed)))
+        raise Rejected(Reason.ROUTE_NOT_FOUND)
+
+
+class MethodNotAllowed(Rejected):
+    __slots__ = ("allow",)
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(Reason.METHOD_NOT_ALLOWED)
+        self.allow = allow

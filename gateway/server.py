@@ -1,0 +1,216 @@
+"""One serving process: the public listener, the admin listener, signals, reload and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.admin import make_admin_app
+from gateway.app import Gateway
+from gateway.clock import Clock, SystemClock
+from gateway.compiled import CompiledConfig, compile_config
+from gateway.config import ConfigError, Problem, load_settings
+from gateway.counters import FailureCounter
+from gateway.counters.memory import MemoryFailureCounter
+from gateway.logs import AccessLog
+from gateway.proxy import Upstream
+from gateway.server_protocol import ContractServer
+from gateway.tasks import spawn
+
+log = logging.getLogger("gateway")
+
+# Changing these needs a restart: they own sockets, processes or the counter's state.
+RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter", "upstream")
+
+
+def load_config(path: Path, clock: Clock) -> CompiledConfig:
+    return compile_config(load_settings(path), clock)
+
+
+def bind(address: str, *, reuse_port: bool) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, int(port)))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def make_counter(config: CompiledConfig, clock: Clock) -> FailureCounter:
+    settings = config.settings.failure_counter
+    if settings.backend != "memory":
+        raise ConfigError(
+            [Problem("failure_counter.backend", f"{settings.backend} is not available yet")]
+        )
+    return MemoryFailureCounter(
+        ttl_seconds=settings.session_ttl_seconds, max_sessions=settings.max_sessions, clock=clock
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    digest: str
+    problems: tuple[Problem, ...]
+
+
+class GatewayServer:
+    """Serves one compiled config until stopped; reloads swap the config atomically."""
+
+    def __init__(
+        self,
+        config: CompiledConfig,
+        *,
+        clock: Clock | None = None,
+        access_log: AccessLog | None = None,
+        public_socket: socket.socket | None = None,
+        admin_socket: socket.socket | None = None,
+    ) -> None:
+        self.clock = clock or SystemClock()
+        enabled = config.settings.access_log.enabled
+        self.gateway = Gateway(
+            config,
+            clock=self.clock,
+            counter=make_counter(config, self.clock),
+            upstream=Upstream(config.settings.upstream),
+            access_log=access_log or AccessLog(enabled=enabled),
+        )
+        self.draining = False
+        self.reload_failures = 0
+        self._public_socket = public_socket
+        self._admin_socket = admin_socket
+        self._public: web.ServerRunner | None = None
+        self._admin: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def config(self) -> CompiledConfig:
+        return self.gateway.config
+
+    @property
+    def public_port(self) -> int:
+        assert self._public_socket is not None
+        port: int = self._public_socket.getsockname()[1]
+        return port
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin_socket is not None
+        port: int = self._admin_socket.getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        settings = self.config.settings
+        if self._public_socket is None:
+            self._public_socket = bind(settings.listen, reuse_port=True)
+        if self._admin_socket is None:
+            self._admin_socket = bind(settings.admin_listen, reuse_port=False)
+        await self.gateway.upstream.start()
+        self.gateway.access_log.start()
+        header_room = settings.limits.max_token_bytes + 1024
+        server = ContractServer(
+            self.gateway.handle,
+            max_field_size=max(8190, header_room),
+            max_line_size=max(8190, header_room),
+        )
+        self._public = web.ServerRunner(server, shutdown_timeout=settings.shutdown.grace_seconds)
+        await self._public.setup()
+        await web.SockSite(self._public, self._public_socket).start()
+        self._admin = web.AppRunner(make_admin_app(self), access_log=None)
+        await self._admin.setup()
+        await web.SockSite(self._admin, self._admin_socket).start()
+        log.info(
+            "serving",
+            extra={
+                "fields": {
+                    "listen": settings.listen,
+                    "public_port": self.public_port,
+                    "admin_port": self.admin_port,
+                    "config_digest": self.config.digest,
+                    "projects": {
+                        p: {"mode": s.mode, "keys": dict(self.config.key_fingerprints[p])}
+                        for p, s in settings.projects.items()
+                    },
+                }
+            },
+        )
+
+    def reload(self) -> ReloadResult:
+        """Load, validate and swap in the config file again; the running one keeps serving on
+        any problem."""
+        current = self.config
+        try:
+            candidate = load_config(current.source, self.clock)
+            problems = [
+                Problem(name, "changes only on restart")
+                for name in RESTART_ONLY
+                if getattr(candidate.settings, name) != getattr(current.settings, name)
+            ]
+        except ConfigError as exc:
+            problems = exc.problems
+        if problems:
+            self.reload_failures += 1
+            for problem in problems:
+                log.error("reload refused", extra={"fields": {"problem": str(problem)}})
+            return ReloadResult(False, current.digest, tuple(problems))
+        self.gateway.config = candidate
+        log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
+        return ReloadResult(True, candidate.digest, ())
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: unready, keep serving for the drain delay, close the listener, let in-flight
+        requests finish within the grace period."""
+        if self.draining:
+            return
+        self.draining = True
+        shutdown = self.config.settings.shutdown
+        log.info(
+            "draining", extra={"fields": {"drain_delay_seconds": shutdown.drain_delay_seconds}}
+        )
+        await asyncio.sleep(shutdown.drain_delay_seconds)
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self._public is not None:
+            self.gateway.stopping = True
+            await self._public.cleanup()
+            self._public = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+        await self.gateway.upstream.close()
+        await self.gateway.counter.close()
+        await self.gateway.access_log.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: spawn(self.drain_and_stop()))
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+
+async def serve(path: Path) -> None:
+    server = GatewayServer(load_config(path, SystemClock()))
+    for warning in server.config.warnings:
+        log.warning("config warning", extra={"fields": {"warning": str(warning)}})
+    await server.start()
+    server.install_signal_handlers()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server.wait_stopped()

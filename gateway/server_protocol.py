@@ -1,0 +1,59 @@
+"""aiohttp's low-level server, with the contract's JSON answer for requests it cannot parse.
+
+aiohttp answers an unparsable request (bad request line, oversized header, smuggling attempt)
+itself, in plain text, and logs the parser's message, which can quote the request's bytes. This
+subclass answers in the contract's shape instead and logs only the kind of error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from gateway.app import new_request_id
+from gateway.errors import render_error
+from gateway.reasons import Reason
+
+log = logging.getLogger("gateway.server")
+
+
+class _ContractRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        reason = Reason.HTTP_MALFORMED if status == 400 else Reason.INTERNAL
+        request_id = new_request_id()
+        if reason is Reason.INTERNAL:
+            log.error(
+                "request failed inside the gateway",
+                exc_info=exc,
+                extra={"fields": {"request_id": request_id}},
+            )
+        else:
+            log.info(
+                "unparsable request",
+                extra={"fields": {"request_id": request_id, "error": type(exc).__name__}},
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is dropped")
+        answer = render_error(reason, request_id)
+        response = web.Response(status=answer.status, headers=answer.headers, body=answer.body)
+        response.headers["X-Request-Id"] = request_id
+        response.force_close()
+        return response
+
+
+class ContractServer(web.Server):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, access_log=None, **kwargs)
+
+    def __call__(self) -> RequestHandler:
+        return _ContractRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -1,0 +1,237 @@
+"""The only place a JWT is parsed and checked, and the cache of tokens that passed.
+
+Checks run in the contract's order (SPEC §4): structure and header, key selection, signature,
+then claims and subject, so `TOKEN_EXPIRED` is only ever said of a token whose signature
+verified. Header fields that name a key (`jku`, `x5u`, `jwk`, `x5c`) are never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import itertools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.algorithms import ALGORITHMS
+from gateway.clock import Clock
+from gateway.jsonstrict import JSONRejected, loads_strict
+from gateway.keys import KeySet, VerificationKey
+from gateway.reasons import Reason, Rejected
+
+_COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+_MAX_NUMERIC_DATE = 2**53
+_PRINTABLE = re.compile(r"[ -$&-~]*")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    user: str
+    user_header: str  # `X-Authenticated-User`: the user, percent-encoded outside printable ASCII
+    exp: float
+    kid: str
+
+
+def header_safe(user: str) -> str:
+    """Percent-encode (as UTF-8) every byte outside printable ASCII, and `%` itself."""
+    if _PRINTABLE.fullmatch(user):
+        return user
+    return "".join(
+        c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
+        for c in user
+    )
+
+
+def _b64decode(segment: str) -> bytes:
+    if len(segment) % 4 == 1:
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except binascii.Error:
+        raise Rejected(Reason.TOKEN_MALFORMED) from None
+    # Only the canonical encoding: no unused bits set, so one token has one spelling.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=") != segment.encode():
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    return raw
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    try:
+        value = loads_strict(_b64decode(segment))
+    except JSONRejected as exc:
+        raise Rejected(
+            Reason.TOKEN_DUPLICATE_KEY if exc.duplicate_key else Reason.TOKEN_MALFORMED
+        ) from None
+    if not isinstance(value, dict):
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    return value
+
+
+def _numeric_date(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value < _MAX_NUMERIC_DATE
+
+
+class TokenCache:
+    """Verified tokens by (verifier generation, SHA-256 of the token); bounded, oldest out first.
+
+    Keying by a digest keeps an entry ~200 bytes whatever the token's size. A verifier is
+    rebuilt whenever its keys or policy change, so removing a key invalidates its tokens at once.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[int, bytes], VerifiedToken] = {}
+
+    def get(self, key: tuple[int, bytes]) -> VerifiedToken | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[int, bytes], token: VerifiedToken) -> None:
+        if self.max_entries == 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = token
+
+    def discard(self, key: tuple[int, bytes]) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SubjectReader = Callable[[dict[str, Any]], str]
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A project's verification rules, fixed at config load."""
+
+    algorithms: frozenset[str]
+    subject: SubjectReader
+    audience: str | None
+    issuer: str | None
+    leeway: int
+    max_lifetime: int
+
+
+class TokenVerifier:
+    def __init__(self, keys: KeySet, policy: Policy, cache: TokenCache, clock: Clock) -> None:
+        self.keys = keys
+        self.policy = policy
+        self.generation = next(_generations)
+        self._cache = cache
+        self._clock = clock
+
+    def verify(self, token: str) -> VerifiedToken:
+        cache_key = (self.generation, hashlib.sha256(token.encode()).digest())
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            if self._clock.now() < cached.exp + self.policy.leeway:
+                return cached
+            self._cache.discard(cache_key)
+        verified = self._verify_uncached(token)
+        self._cache.put(cache_key, verified)
+        return verified
+
+    def _verify_uncached(self, token: str) -> VerifiedToken:
+        parts = _COMPACT_JWS.fullmatch(token)
+        if parts is None:
+            raise Rejected(Reason.TOKEN_MALFORMED)
+        header_b64, payload_b64, signature_b64 = parts.groups()
+        header = _json_object(header_b64)
+        algorithm, candidates = self._select_keys(header)
+        signature = _b64decode(signature_b64)
+        signing_input = token[: parts.end(2)].encode()
+        key = next(
+            (k for k in candidates if algorithm.verify(k.key, signing_input, signature)), None
+        )
+        if key is None:
+            raise Rejected(Reason.SIGNATURE_INVALID)
+        claims = _json_object(payload_b64)
+        exp = self._check_times(claims)
+        self._check_audience_issuer(claims)
+        user = self.policy.subject(claims)
+        return VerifiedToken(user, header_safe(user), exp, key.kid)
+
+    def _select_keys(self, header: dict[str, Any]) -> tuple[Any, tuple[VerificationKey, ...]]:
+        if "alg" not in header:
+            raise Rejected(Reason.ALG_MISSING)
+        alg = header["alg"]
+        if not isinstance(alg, str) or alg not in self.policy.algorithms:
+            raise Rejected(Reason.ALG_NOT_ALLOWED)
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
+            raise Rejected(Reason.TYP_INVALID)
+        if "crit" in header:
+            # We implement no JWS extension, so any `crit` names one we do not understand.
+            raise Rejected(Reason.CRIT_UNSUPPORTED)
+        if not self.keys.keys:
+            raise Rejected(Reason.KEYS_UNAVAILABLE)
+        if "kid" not in header:
+            candidates = self.keys.by_algorithm[alg]
+            if not candidates:
+                raise Rejected(Reason.NO_COMPATIBLE_KEY)
+            return ALGORITHMS[alg], candidates
+        kid = header["kid"]
+        if not isinstance(kid, str) or not kid:
+            raise Rejected(Reason.KID_INVALID)
+        key = self.keys.by_kid.get(kid)
+        if key is None:
+            raise Rejected(Reason.KID_UNKNOWN)
+        if alg not in key.algorithms:
+            raise Rejected(Reason.ALG_NOT_ALLOWED)
+        return ALGORITHMS[alg], (key,)
+
+    def _check_times(self, claims: dict[str, Any]) -> float:
+        if "exp" not in claims:
+            raise Rejected(Reason.EXP_MISSING)
+        exp, nbf, iat = claims["exp"], claims.get("nbf"), claims.get("iat")
+        if not _numeric_date(exp):
+            raise Rejected(Reason.EXP_INVALID)
+        if "nbf" in claims and not _numeric_date(nbf):
+            raise Rejected(Reason.NBF_INVALID)
+        if "iat" in claims and not _numeric_date(iat):
+            raise Rejected(Reason.IAT_INVALID)
+        now, leeway = self._clock.now(), self.policy.leeway
+        if now >= exp + leeway:
+            raise Rejected(Reason.EXPIRED)
+        if nbf is not None and nbf > now + leeway:
+            raise Rejected(Reason.NOT_YET_VALID)
+        if iat is not None and iat > now + leeway:
+            raise Rejected(Reason.ISSUED_IN_FUTURE)
+        max_lifetime = self.policy.max_lifetime
+        if max_lifetime and exp - now > max_lifetime + leeway:
+            raise Rejected(Reason.LIFETIME_TOO_LONG)
+        return float(exp)
+
+    def _check_audience_issuer(self, claims: dict[str, Any]) -> None:
+        audience = self.policy.audience
+        if audience is not None:
+            aud = claims.get("aud")
+            if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+                raise Rejected(Reason.AUDIENCE_INVALID)
+        if self.policy.issuer is not None and claims.get("iss") != self.policy.issuer:
+            raise Rejected(Reason.ISSUER_INVALID)
+
+
+def key_value_subject(claim: str, key: str) -> SubjectReader:
+    """MoEngage's shape: `{"key": <key>, "value": <non-empty string>}`, nothing else."""
+
+    def read(claims: dict[str, Any]) -> str:
+        subject = claims.get(claim)
+        if (
+            not isinstance(subject, dict)
+            or len(subject) != 2
+            or subject.get("key") != key
+            or not isinstance(value := subject.get("value"), str)
+            or not value
+        ):
+            raise Rejected(Reason.SUBJECT_INVALID)
+        return value
+
+    return read

@@ -1,0 +1,335 @@
+"""Real parts for every test: RSA keys, a recording upstream on port 0, the gateway on port 0.
+
+Tokens are minted at test time from keys generated here; `tokens.good()` and friends are named
+for what is wrong with them (Envoy's GoodToken / ExpiredToken / NonExistKidToken pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+import yaml
+from aiohttp import web
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from gateway.clock import ManualClock
+from gateway.compiled import compile_config
+from gateway.config import load_settings
+from gateway.logs import AccessLog
+from gateway.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
+from gateway.server import GatewayServer
+
+NOW = 1_900_000_000.0  # the tests' "now": a fixed instant, moved explicitly
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: rsa.RSAPrivateKey
+
+    @property
+    def private_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def public_pem(self) -> str:
+        return (
+            self.private.public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+
+
+@pytest.fixture(scope="session")
+def key_a() -> KeyPair:
+    return KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+@pytest.fixture(scope="session")
+def key_b() -> KeyPair:
+    return KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def sign_raw(header: bytes, payload: bytes, key: KeyPair, alg: str = "RS256") -> str:
+    """A token from exact header and payload bytes (for duplicate keys and other oddities)."""
+    signing_input = f"{b64url(header)}.{b64url(payload)}".encode()
+    hash_algorithm = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
+    signature = key.private.sign(signing_input, padding.PKCS1v15(), hash_algorithm[alg])
+    return f"{signing_input.decode()}.{b64url(signature)}"
+
+
+@dataclass
+class Tokens:
+    key: KeyPair
+    clock: ManualClock
+    kid: str = "key-a"
+
+    def claims(self, user: str = "alice", ttl: float = 3600, **extra: Any) -> dict[str, Any]:
+        now = self.clock.now()
+        claims: dict[str, Any] = {
+            "sub": {"key": "uid", "value": user},
+            "iat": int(now),
+            "exp": int(now + ttl),
+        }
+        claims.update(extra)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(
+        self,
+        claims: dict[str, Any],
+        *,
+        key: KeyPair | None = None,
+        alg: str = "RS256",
+        headers: dict[str, Any] | None = None,
+    ) -> str:
+        header: dict[str, Any] = {"kid": self.kid, "typ": "JWT"}
+        header.update(headers or {})
+        header = {k: v for k, v in header.items() if v is not None}
+        return jwt.encode(claims, (key or self.key).private_pem, algorithm=alg, headers=header)
+
+    def good(self, user: str = "alice", **extra: Any) -> str:
+        return self.mint(self.claims(user, **extra))
+
+    def expired(self, user: str = "alice") -> str:
+        return self.mint(self.claims(user, ttl=-120))
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(NOW)
+
+
+@pytest.fixture
+def tokens(key_a: KeyPair, clock: ManualClock) -> Tokens:
+    return Tokens(key_a, clock)
+
+
+# --- the upstream ------------------------------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    url: str
+    port: int
+    app: web.Application
+
+    @property
+    def received(self) -> list[Received]:
+        records = self.app[RECORDS_KEY]
+        return list(records)
+
+    def last_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.received[-1].headers}
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    app = make_sample_upstream()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield Upstream(f"http://127.0.0.1:{port}", port, app)
+    await runner.cleanup()
+
+
+# --- the gateway -------------------------------------------------------------------------------
+
+
+def base_config(upstream_url: str) -> dict[str, Any]:
+    """The config most tests start from: project `app` in required mode with key `key-a`."""
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "upstream": {"url": upstream_url, "timeout_seconds": 5},
+        "projects": {
+            "app": {
+                "mode": "required",
+                "algorithms": ["RS256", "RS512"],
+                "keys": [{"id": "key-a", "pem_file": "keys/a.pem"}],
+            },
+        },
+        "identity": [{"json": "customer_ids.registered"}, {"header": "X-User-Id"}],
+        "token": [
+            {"header": "X-Sdk-Auth-Token"},
+            {"header": "Authorization", "scheme": "Bearer"},
+        ],
+        "session": [{"header": "X-Session-Id"}],
+        "routes": [
+            {
+                "name": "track-events",
+                "methods": ["POST"],
+                "path": "/track/v2/projects/{project}/customers/events",
+                "auth": ["sdk_jwt"],
+            },
+            {
+                "name": "track-batch",
+                "methods": ["POST"],
+                "path": "/track/v2/projects/{project}/batch",
+                "auth": ["sdk_jwt"],
+                "identity": [{"json": "commands[*].data.customer_ids.registered"}],
+            },
+            {
+                "name": "sdk-config",
+                "methods": ["GET"],
+                "path": "/v2/sdkconfig",
+                "project": {"header": "X-App-Id"},
+                "auth": ["none"],
+            },
+        ],
+    }
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    clock: ManualClock
+    log_lines: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.public_port}"
+
+    @property
+    def port(self) -> int:
+        return self.server.public_port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.admin_port}"
+
+
+class _CapturedLog:
+    def __init__(self, sink: list[dict[str, Any]]) -> None:
+        self._sink = sink
+
+    def write(self, text: str) -> int:
+        self._sink.extend(json.loads(line) for line in text.splitlines() if line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def write_config(tmp_path: Path, config: dict[str, Any], keys: dict[str, KeyPair]) -> Path:
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    for name, pair in keys.items():
+        (tmp_path / "keys" / name).write_text(pair.public_pem)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def make_gateway(
+    tmp_path: Path, upstream: Upstream, key_a: KeyPair, key_b: KeyPair, clock: ManualClock
+) -> AsyncIterator[GatewayFactory]:
+    """Start the gateway in-process on port 0 with a config edited by the test."""
+    started: list[RunningGateway] = []
+
+    async def start(
+        edit: Callable[[dict[str, Any]], None] | None = None, **overrides: Any
+    ) -> RunningGateway:
+        config = copy.deepcopy(base_config(upstream.url))
+        config.update(overrides)
+        if edit is not None:
+            edit(config)
+        path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+        compiled = compile_config(load_settings(path, env={}), clock)
+        lines: list[dict[str, Any]] = []
+        server = GatewayServer(
+            compiled,
+            clock=clock,
+            access_log=AccessLog(_CapturedLog(lines)),  # type: ignore[arg-type]
+        )
+        await server.start()
+        running = RunningGateway(server, clock, lines)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.server.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> RunningGateway:
+    return await make_gateway()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+# --- raw HTTP, for what a well-behaved client cannot send --------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_request(port: int, data: bytes, wait_seconds: float = 5) -> RawResponse:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(wait_seconds):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0"))
+            body = await reader.readexactly(length) if length else b""
+        return RawResponse(status, headers, body)
+    finally:
+        writer.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
