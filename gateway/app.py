@@ -40,7 +40,7 @@ from gateway.proxy import (
 )
 from gateway.reasons import Code, Reason, Rejected
 from gateway.routes import MethodNotAllowed, Target, parse_target
-from gateway.verify import VerifiedToken
+from gateway.subject import identity_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 UPSTREAM_RETRY_AFTER_SECONDS = 1
@@ -64,6 +64,7 @@ class Exchange:
     reason: Reason | None = None
     upstream_status: int | None = None
     client: str | None = None
+    cors_headers: dict[str, str] | None = None  # for an Origin the route's `cors` lists
 
 
 class Gateway:
@@ -109,8 +110,12 @@ class Gateway:
         if self.stopping:
             raise Rejected(Reason.SHUTTING_DOWN)
         target = parse_target(request.raw_path)
+        if request.method == "OPTIONS" and (preflight := self._preflight(request, config, target)):
+            return preflight
         route, params = config.router.match(request.method, target.path)
         exchange.route = route
+        if route.cors is not None:
+            exchange.cors_headers = route.cors.answer_headers(request.headers.get("Origin"))
         parts = RequestParts(collect_headers(request.raw_headers, route.watched_headers), {})
         project = self._resolve_project(config, route, params, parts, exchange)
         limits = config.settings.limits
@@ -158,7 +163,7 @@ class Gateway:
                 self.counter.reset(self._session_key(project, exchange, attempt))
 
         return await self._forward(
-            request, config, target, exchange, status, attempt.verified, forward_body, decoded
+            request, config, target, exchange, status, attempt, forward_body, decoded
         )
 
     async def _forward(
@@ -168,17 +173,20 @@ class Gateway:
         target: Target,
         exchange: Exchange,
         status: AuthStatus,
-        verified: VerifiedToken | None,
+        attempt: Attempt,
         body: bytes,
         decoded: bool,
     ) -> web.StreamResponse:
         route, project = exchange.route, exchange.project
         assert route is not None
         assert project is not None
+        verified = attempt.verified
         forwarding = Forwarding(
             request_id=exchange.request_id,
             auth_status=status.value,
-            authenticated_user=verified.user_header if verified else None,
+            authenticated_user=project.subject.header(attempt.identity, verified.user)
+            if verified
+            else None,
             peer=request.remote,
             peer_trusted=is_trusted(request.remote, config.trusted_proxies),
             drop=route.token_header_drop | {"content-encoding"}
@@ -196,6 +204,8 @@ class Gateway:
         exchange.upstream_status = answer.status
         headers = answer.headers
         headers["X-Request-Id"] = exchange.request_id
+        if exchange.cors_headers:
+            headers.update(exchange.cors_headers)
         if verified is not None:
             expires_in = verified.exp - self.clock.now()
             if expires_in <= project.expiry_warning_seconds:
@@ -206,6 +216,25 @@ class Gateway:
         return await self._stream(request, answer.status, headers, answer.body, answer.rest)
 
     # --- stages that need the aiohttp request --------------------------------------------------
+
+    @staticmethod
+    def _preflight(
+        request: web.BaseRequest, config: CompiledConfig, target: Target
+    ) -> web.Response | None:
+        """A CORS preflight from a listed origin, answered without auth; anything else that
+        uses OPTIONS is routed like any other method."""
+        found = config.router.first_for_path(target.path)
+        origin = request.headers.get("Origin")
+        if found is None or found[0].cors is None or origin is None:
+            return None
+        route = found[0]
+        assert route.cors is not None
+        if (
+            origin not in route.cors.origins
+            or "Access-Control-Request-Method" not in request.headers
+        ):
+            return None
+        return web.Response(status=204, headers=route.cors.preflight_headers(origin))
 
     @staticmethod
     def _resolve_project(
@@ -284,7 +313,7 @@ class Gateway:
         if attempt.session_id is not None:
             return session_key(project.label, project_id, "session", attempt.session_id)
         if attempt.identity is not None:
-            return session_key(project.label, project_id, "user", attempt.identity)
+            return session_key(project.label, project_id, "user", identity_key(attempt.identity))
         return session_key(project.label, project_id, "client", exchange.client or "")
 
     async def _refuse_token_failure(
@@ -331,6 +360,8 @@ class Gateway:
         )
         headers = CIMultiDict(answer.headers)
         headers["X-Request-Id"] = exchange.request_id
+        if exchange.cors_headers:
+            headers.update(exchange.cors_headers)
         response = web.Response(status=answer.status, headers=headers, body=answer.body)
         if reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
             Reason.HTTP_MALFORMED,

@@ -6,6 +6,7 @@ collected with its YAML path before anything is refused, so one run lists them a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.algorithms import ALGORITHMS
+from gateway.algorithms import ALGORITHMS, KeyType
 from gateway.clock import Clock
 from gateway.config import (
     ConfigError,
@@ -25,6 +26,7 @@ from gateway.config import (
     Settings,
     SourceSettings,
 )
+from gateway.cors import CorsPolicy
 from gateway.errors import ErrorFormat
 from gateway.extract import (
     HeaderSource,
@@ -34,9 +36,18 @@ from gateway.extract import (
     normalise_header_name,
     parse_json_path,
 )
-from gateway.keys import KeyProblem, KeySet, VerificationKey, fingerprint, parse_public_pem
+from gateway.keys import (
+    KeyProblem,
+    KeySet,
+    VerificationKey,
+    fingerprint,
+    material_digest,
+    parse_public_pem,
+    parse_secret,
+)
 from gateway.routes import RouteEntry, Router, TemplateError, compile_template
-from gateway.verify import Policy, TokenCache, TokenVerifier, key_value_subject
+from gateway.subject import IdMapSubject, ScalarSubject, Subject
+from gateway.verify import Policy, TokenCache, TokenVerifier
 
 OTHER_PROJECTS = "_other"
 Mode = Literal["disabled", "monitor", "required"]
@@ -47,6 +58,7 @@ class Project:
     id: str  # as configured (the canonical spelling); for unlisted projects, `_other`
     label: str  # the metrics label: the id, or `_other`
     mode: Mode
+    subject: Subject
     verifier: TokenVerifier | None
     api_key_digests: tuple[bytes, ...]
     expiry_warning_seconds: int
@@ -92,6 +104,7 @@ class Route:
     session: tuple[Source, ...]
     forward_token: bool
     error_format: ErrorFormat
+    cors: CorsPolicy | None
     reads_json: bool = field(init=False)
     reads_query: bool = field(init=False)
     watched_headers: frozenset[str] = field(init=False)
@@ -175,26 +188,43 @@ def _compile_keys(
             )
             continue
         seen[key_settings.id] = index
-        field_name = "pem" if key_settings.pem is not None else "pem_file"
+        if key_settings.secret is not None:
+            field_name = "secret"
+        else:
+            field_name = "pem" if key_settings.pem is not None else "pem_file"
+        key: object
         try:
-            text = _read_pem(loaded, key_settings.pem, key_settings.pem_file)
-            public_key, key_type = parse_public_pem(text)
+            if key_settings.secret is not None:
+                key, key_type = parse_secret(key_settings.secret), KeyType.HMAC
+            else:
+                text = _read_pem(loaded, key_settings.pem, key_settings.pem_file)
+                key, key_type = parse_public_pem(text)
         except KeyProblem as exc:
             problems.append(Problem(f"{key_path}.{field_name}", str(exc)))
             continue
-        usable = frozenset(a for a in allowed if ALGORITHMS[a].key_type is key_type)
+        of_its_type = sorted(n for n, a in ALGORITHMS.items() if a.key_type is key_type)
+        misfits = {a: ALGORITHMS[a].fits(key) for a in allowed if a in of_its_type}
+        usable = frozenset(a for a, why in misfits.items() if why is None)
         if not usable:
+            why_not = "; ".join(sorted({why for why in misfits.values() if why}))
             problems.append(
                 Problem(
-                    key_path,
-                    f"{key_type.value} key has no allowed algorithm; algorithms lists "
-                    f"{sorted(allowed)}, add one of "
-                    f"{sorted(n for n, a in ALGORITHMS.items() if a.key_type is key_type)}",
+                    f"{key_path}.{field_name}",
+                    why_not
+                    or f"{key_type.value} key has no allowed algorithm: algorithms lists "
+                    f"{', '.join(sorted(allowed))}; add one of {', '.join(of_its_type)}",
                 )
             )
             continue
         keys.append(
-            VerificationKey(key_settings.id, key_type, public_key, fingerprint(public_key), usable)
+            VerificationKey(
+                kid=key_settings.id,
+                key_type=key_type,
+                key=key,
+                fingerprint=fingerprint(key),
+                algorithms=usable,
+                material=material_digest(key),
+            )
         )
     return tuple(keys)
 
@@ -215,9 +245,16 @@ def _compile_project(
         problems.append(
             Problem(f"{path}.keys", f"mode {settings.mode} needs at least one key source")
         )
+    subject_settings = settings.subject
+    subject: Subject
+    if subject_settings.format == "id_map":
+        subject = IdMapSubject(subject_settings.claim, frozenset(subject_settings.anonymous_ids))
+    else:
+        key = subject_settings.key if subject_settings.format == "key_value" else None
+        subject = ScalarSubject(subject_settings.claim, key)
     policy = Policy(
         algorithms=frozenset(settings.algorithms),
-        subject=key_value_subject(settings.subject.claim, settings.subject.key),
+        subject=subject.read_token,
         audience=settings.audience,
         issuer=settings.issuer,
         leeway=settings.leeway_seconds,
@@ -228,6 +265,7 @@ def _compile_project(
         id=project_id,
         label=label,
         mode=settings.mode,
+        subject=subject,
         verifier=verifier,
         api_key_digests=tuple(_api_key_digest(k) for k in settings.api_keys),
         expiry_warning_seconds=settings.expiry_warning_seconds,
@@ -258,17 +296,20 @@ def _check_api_keys(settings: ProjectSettings, path: str, problems: list[Problem
 def _compile_source(
     settings: SourceSettings, role: str, path: str, problems: list[Problem]
 ) -> Source | None:
+    if settings.id is not None and role != "identity":
+        problems.append(Problem(f"{path}.id", "id applies to identity sources only"))
     if settings.header is not None:
         scheme = settings.scheme.lower() if settings.scheme else None
-        return HeaderSource(normalise_header_name(settings.header), scheme)
+        return HeaderSource(normalise_header_name(settings.header), scheme, settings.id)
     if settings.query is not None:
-        return QuerySource(settings.query)
+        return QuerySource(settings.query, settings.id)
     assert settings.json_path is not None
     if role == "token":
         problems.append(Problem(path, "a token is read from a header or query, not json"))
         return None
     try:
-        return JsonSource(settings.json_path, parse_json_path(settings.json_path))
+        steps = parse_json_path(settings.json_path)
+        return JsonSource(settings.json_path, steps, settings.id)
     except ValueError as exc:
         problems.append(Problem(f"{path}.json", f"{exc} (got {settings.json_path!r})"))
         return None
@@ -349,14 +390,47 @@ def _compile_route(
         token=token_sources,
         session=_compile_sources(route_settings, settings, "session", path, problems),
         forward_token=route_settings.forward_token,
-        error_format=ErrorFormat.STANDARD,
+        error_format=ErrorFormat(route_settings.error_format),
+        cors=None,
     )
+    if route_settings.cors is not None:
+        cors = CorsPolicy.build(
+            route_settings.cors.origins,
+            route.methods,
+            route.watched_headers,
+            route_settings.cors.max_age_seconds,
+        )
+        route = dataclasses.replace(route, cors=cors)
     if route.sdk_jwt and not route.identity:
         problems.append(Problem(f"{path}.identity", "sdk_jwt needs at least one identity source"))
     if route.sdk_jwt and not route.token:
         problems.append(Problem(f"{path}.token", "sdk_jwt needs at least one token source"))
     _check_header_roles(route, path, problems)
     return RouteEntry(pattern, route.methods, route)
+
+
+def _check_identity_fits(
+    route: Route, index: int, where: str, project: ProjectSettings, problems: list[Problem]
+) -> None:
+    """An id_map subject needs every header/query identity source to name its id type; the
+    other formats compare one user id, so no source may name one."""
+    id_map = project.subject.format == "id_map"
+    for source in route.identity:
+        if id_map and source.id is None and not isinstance(source, JsonSource):
+            problems.append(
+                Problem(
+                    f"routes[{index}].identity",
+                    f"{source} reaches {where} (subject id_map) but names no id: add id: <type>",
+                )
+            )
+        elif not id_map and source.id is not None:
+            problems.append(
+                Problem(
+                    f"routes[{index}].identity",
+                    f"{source} names id {source.id!r} but {where} compares one user id "
+                    f"(subject {project.subject.format})",
+                )
+            )
 
 
 def _reachable_projects(route: Route, settings: Settings) -> list[tuple[str, ProjectSettings]]:
@@ -370,11 +444,11 @@ def _reachable_projects(route: Route, settings: Settings) -> list[tuple[str, Pro
 def _check_route_projects(
     route: Route, index: int, settings: Settings, problems: list[Problem]
 ) -> None:
-    if not route.api_key:
-        return
     for name, project in _reachable_projects(route, settings):
-        if not project.api_keys:
-            where = "defaults" if name == "defaults" else f"projects.{name}"
+        where = "defaults" if name == "defaults" else f"projects.{name}"
+        if route.sdk_jwt and project.mode != "disabled":
+            _check_identity_fits(route, index, where, project, problems)
+        if route.api_key and not project.api_keys:
             problems.append(
                 Problem(
                     f"routes[{index}].auth",
@@ -395,13 +469,15 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
                 "memory with more than one worker: each worker counts its sessions alone",
             )
         )
-    owners: dict[str, list[str]] = {}
+    owners: dict[bytes, list[str]] = {}
+    shown: dict[bytes, str] = {}
     for project_id, project in projects.items():
         if project.verifier is None:
             continue
         for key in project.verifier.keys.keys:
-            owners.setdefault(key.fingerprint, []).append(project_id)
-    for fp, users in owners.items():
+            owners.setdefault(key.material, []).append(project_id)
+            shown[key.material] = f"{key.kid} ({key.fingerprint})"
+    for material, users in owners.items():
         unscoped = [
             p for p in users if (s := settings.projects[p]).audience is None and s.issuer is None
         ]
@@ -409,7 +485,7 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
             warnings.append(
                 Problem(
                     "projects",
-                    f"projects {', '.join(sorted(users))} share key {fp} and "
+                    f"projects {', '.join(sorted(users))} share key {shown[material]} and "
                     f"{', '.join(sorted(unscoped))} set no audience or issuer: "
                     "each accepts the other's tokens",
                 )

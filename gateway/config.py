@@ -195,8 +195,15 @@ class AccessLogSettings(_Settings):
 
 class SubjectSettings(_Settings):
     claim: Annotated[str, Field(min_length=1)] = "sub"
-    format: Literal["key_value"] = "key_value"
-    key: Annotated[str, Field(min_length=1)] = "uid"
+    format: Literal["key_value", "string", "id_map"] = "key_value"
+    key: Annotated[str, Field(min_length=1)] = "uid"  # key_value only
+    anonymous_ids: tuple[str, ...] = ()  # id_map only: ids that never need a token
+
+    @model_validator(mode="after")
+    def _fits_format(self) -> SubjectSettings:
+        if self.anonymous_ids and self.format != "id_map":
+            raise ValueError("anonymous_ids applies to format id_map only")
+        return self
 
 
 class KeySettings(_Settings):
@@ -204,16 +211,31 @@ class KeySettings(_Settings):
     description: str = ""
     pem: str | None = None
     pem_file: str | None = None
+    secret: str | None = None  # HMAC (HS*): raw UTF-8, or base64:...
 
     @model_validator(mode="after")
     def _one_source(self) -> KeySettings:
-        if (self.pem is None) == (self.pem_file is None):
-            raise ValueError("give exactly one of pem, pem_file")
+        if sum(v is not None for v in (self.pem, self.pem_file, self.secret)) != 1:
+            raise ValueError("give exactly one of pem, pem_file, secret")
         return self
 
 
 Mode = Literal["disabled", "monitor", "required"]
-Algorithm = Literal["RS256", "RS384", "RS512"]
+Algorithm = Literal[
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+    "HS256",
+    "HS384",
+    "HS512",
+]
 
 
 class ProjectSettings(_Settings):
@@ -234,6 +256,7 @@ class SourceSettings(_Settings):
     header: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = None
     query: Annotated[str | None, Field(min_length=1)] = None
     scheme: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")] = None
+    id: Annotated[str | None, Field(min_length=1)] = None  # id_map subjects: the id carried
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -258,6 +281,19 @@ class ProjectFromSettings(_Settings):
         return self
 
 
+class CorsSettings(_Settings):
+    origins: Annotated[tuple[str, ...], Field(min_length=1)]
+    max_age_seconds: Annotated[int, Field(ge=0, le=86_400)] = 600
+
+    @field_validator("origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-]+(:\d+)?", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return value
+
+
 AuthMethod = Literal["none", "api_key", "sdk_jwt"]
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -272,6 +308,8 @@ class RouteSettings(_Settings):
     token: tuple[SourceSettings, ...] | None = None
     session: tuple[SourceSettings, ...] | None = None
     forward_token: bool = False
+    error_format: Literal["standard", "bloomreach"] = "standard"
+    cors: CorsSettings | None = None
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -11,14 +11,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gateway.compiled import API_KEY_SOURCE, Project, Route
-from gateway.extract import (
-    FoundToken,
-    RequestParts,
-    extract_identity,
-    extract_session,
-    extract_token,
-)
+from gateway.extract import FoundToken, RequestParts, extract_session, extract_token
 from gateway.reasons import Reason, Rejected
+from gateway.subject import Identity
 from gateway.verify import VerifiedToken
 
 
@@ -33,7 +28,7 @@ class AuthStatus(Enum):
 
 @dataclass(slots=True)
 class Attempt:
-    identity: str | None = None
+    identity: Identity | None = None
     session_id: str | None = None
     token: FoundToken | None = None
     verified: VerifiedToken | None = None
@@ -54,7 +49,7 @@ def authenticate(
     route: Route, project: Project, parts: RequestParts, max_token_bytes: int, attempt: Attempt
 ) -> AuthStatus:
     """VERIFIED or ANONYMOUS, filling `attempt` as it goes; raises `Rejected` otherwise."""
-    attempt.identity = extract_identity(route.identity, parts)
+    attempt.identity = project.subject.identity(route.identity, parts)
     attempt.session_id = extract_session(route.session, parts)
     attempt.token = extract_token(route.token, parts, max_token_bytes)
     if attempt.token is None:
@@ -64,7 +59,9 @@ def authenticate(
     if project.verifier is None:
         raise Rejected(Reason.KEYS_UNAVAILABLE)
     verified = project.verifier.verify(attempt.token.token)
-    if attempt.identity is not None and attempt.identity != verified.user:
+    if attempt.identity is not None and not project.subject.authorises(
+        attempt.identity, verified.user
+    ):
         raise Rejected(Reason.SUBJECT_MISMATCH)
     attempt.verified = verified
     return AuthStatus.VERIFIED

@@ -19,7 +19,8 @@ from gateway.reasons import Reason, Rejected
 @dataclass(frozen=True, slots=True)
 class HeaderSource:
     name: str  # lower case, `_` read as `-`
-    scheme: str | None  # lower case
+    scheme: str | None = None  # lower case
+    id: str | None = None  # under an `id_map` subject: the id type this source carries
 
     def __str__(self) -> str:
         return f"header {self.name}" + (f" ({self.scheme})" if self.scheme else "")
@@ -28,6 +29,7 @@ class HeaderSource:
 @dataclass(frozen=True, slots=True)
 class QuerySource:
     name: str
+    id: str | None = None
 
     def __str__(self) -> str:
         return f"query {self.name}"
@@ -40,6 +42,7 @@ STAR = None  # a `[*]` step in a JSON path
 class JsonSource:
     path: str
     steps: tuple[str | None, ...]  # key names, or STAR for every element of an array
+    id: str | None = None
 
     def __str__(self) -> str:
         return f"json {self.path}"
@@ -151,7 +154,8 @@ def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
 _IDENTITY_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
-def _identity_value(value: Any) -> str:
+def identity_text(value: Any) -> str:
+    """An identity value: a non-empty string without control characters, else 400."""
     if not isinstance(value, str) or not _IDENTITY_TEXT.fullmatch(value):
         raise Rejected(Reason.IDENTITY_INVALID)
     return value
@@ -184,7 +188,8 @@ def _single_query(parts: RequestParts, name: str) -> str | None:
     return values[0]
 
 
-def _values_at(source: Source, parts: RequestParts) -> list[Any]:
+def values_at(source: Source, parts: RequestParts) -> list[Any]:
+    """Every value a source holds in this request; a header or parameter sent twice is 400."""
     if isinstance(source, HeaderSource):
         value: Any = _single_header(parts, source.name)
         return [] if value is None else [value]
@@ -194,19 +199,6 @@ def _values_at(source: Source, parts: RequestParts) -> list[Any]:
     if parts.body is _ABSENT:
         return []
     return walk_json(parts.body, source.steps)
-
-
-def extract_identity(sources: Sequence[Source], parts: RequestParts) -> str | None:
-    """The one user the request names, or None when it names none (anonymous)."""
-    identity: str | None = None
-    for source in sources:
-        for raw in _values_at(source, parts):
-            value = _identity_value(raw)
-            if identity is None:
-                identity = value
-            elif value != identity:
-                raise Rejected(Reason.IDENTITY_CONFLICT)
-    return identity
 
 
 def _token_from_header(value: str, scheme: str | None) -> str | None:
@@ -258,7 +250,7 @@ MAX_SESSION_ID_BYTES = 128
 def extract_session(sources: Sequence[Source], parts: RequestParts) -> str | None:
     """The first session id found; it only keys the failure counter, so one is enough."""
     for source in sources:
-        for raw in _values_at(source, parts):
+        for raw in values_at(source, parts):
             if not isinstance(raw, str) or not _IDENTITY_TEXT.fullmatch(raw):
                 raise Rejected(Reason.SESSION_ID_INVALID)
             if len(raw.encode()) > MAX_SESSION_ID_BYTES:

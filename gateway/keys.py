@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import re
 from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.algorithms import ALGORITHMS, KeyType
+from gateway.algorithms import ALGORITHMS, KeyType, key_type_of
 
 MIN_RSA_BITS = 2048
 
@@ -23,14 +22,41 @@ class KeyProblem(ValueError):
     """A key that must not be loaded; the message names what is wrong, never the key itself."""
 
 
-def fingerprint(public_key: object) -> str:
-    """`SHA256:<base64>` of the DER SubjectPublicKeyInfo, as `ssh-keygen -l` prints keys."""
-    assert isinstance(public_key, rsa.RSAPublicKey)
-    der = public_key.public_bytes(
+_SUPPORTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def material_digest(key: object) -> bytes:
+    """SHA-256 of the key material: DER SubjectPublicKeyInfo, or the HMAC secret itself."""
+    if isinstance(key, bytes):
+        return hashlib.sha256(key).digest()
+    assert hasattr(key, "public_bytes")
+    der: bytes = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    digest = base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
-    return f"SHA256:{digest}"
+    return hashlib.sha256(der).digest()
+
+
+def fingerprint(key: object) -> str:
+    """`SHA256:<base64>` of a public key, as `ssh-keygen -l` prints keys. A secret shows only
+    its length: even a hash of a weak secret would help someone guess it."""
+    if isinstance(key, bytes):
+        return f"secret ({len(key)} bytes)"
+    return "SHA256:" + base64.b64encode(material_digest(key)).decode().rstrip("=")
+
+
+def parse_secret(text: str) -> bytes:
+    """An HMAC secret: raw UTF-8, or `base64:<standard or url-safe base64>`."""
+    if text.startswith("base64:"):
+        encoded = text.removeprefix("base64:").strip()
+        try:
+            secret = base64.b64decode(encoded.replace("-", "+").replace("_", "/"), validate=True)
+        except ValueError:
+            raise KeyProblem("base64: value does not decode") from None
+    else:
+        secret = text.encode()
+    if not secret:
+        raise KeyProblem("the secret is empty")
+    return secret
 
 
 def parse_public_pem(text: str) -> tuple[object, KeyType]:
@@ -56,33 +82,33 @@ def parse_public_pem(text: str) -> tuple[object, KeyType]:
             public_key = serialization.load_pem_public_key(data)
     except ValueError:
         raise KeyProblem(f"the {label} PEM block does not parse") from None
-    if isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < MIN_RSA_BITS:
-            raise KeyProblem(
-                f"RSA key is {public_key.key_size} bits; at least {MIN_RSA_BITS} required"
-            )
-        return public_key, KeyType.RSA
-    raise KeyProblem(f"unsupported key type {type(public_key).__name__}")
+    if isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size < MIN_RSA_BITS:
+        raise KeyProblem(f"RSA key is {public_key.key_size} bits; at least {MIN_RSA_BITS} required")
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and not isinstance(
+        public_key.curve, _SUPPORTED_CURVES
+    ):
+        raise KeyProblem(f"EC curve {public_key.curve.name} is not one JWS uses")
+    key_type = key_type_of(public_key)
+    if key_type is None:
+        raise KeyProblem(f"unsupported key type {type(public_key).__name__}")
+    return public_key, key_type
 
 
 @dataclass(frozen=True, slots=True)
 class VerificationKey:
     kid: str
     key_type: KeyType
-    key: object
+    key: object  # a cryptography public key, or the HMAC secret's bytes
     fingerprint: str
-    algorithms: frozenset[str]
-
-
-_generations = itertools.count(1)
+    algorithms: frozenset[str]  # the project's algorithms this key may verify
+    material: bytes  # `material_digest`: finds one key configured in two projects
 
 
 @dataclass(frozen=True, slots=True)
 class KeySet:
-    """A project's keys at one moment; a new set (new keys, new policy) gets a new generation."""
+    """A project's keys at one moment, indexed for the per-request lookups."""
 
     keys: tuple[VerificationKey, ...]
-    generation: int = field(default_factory=lambda: next(_generations))
     by_kid: dict[str, VerificationKey] = field(init=False)
     by_algorithm: dict[str, tuple[VerificationKey, ...]] = field(init=False)
 

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,25 +24,13 @@ from gateway.reasons import Reason, Rejected
 
 _COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _MAX_NUMERIC_DATE = 2**53
-_PRINTABLE = re.compile(r"[ -$&-~]*")
 
 
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
-    user: str
-    user_header: str  # `X-Authenticated-User`: the user, percent-encoded outside printable ASCII
+    user: str | Mapping[str, str]  # as the project's subject format reads it
     exp: float
     kid: str
-
-
-def header_safe(user: str) -> str:
-    """Percent-encode (as UTF-8) every byte outside printable ASCII, and `%` itself."""
-    if _PRINTABLE.fullmatch(user):
-        return user
-    return "".join(
-        c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
-        for c in user
-    )
 
 
 def _b64decode(segment: str) -> bytes:
@@ -102,7 +90,7 @@ class TokenCache:
         return len(self._entries)
 
 
-SubjectReader = Callable[[dict[str, Any]], str]
+SubjectReader = Callable[[Mapping[str, Any]], str | Mapping[str, str]]
 
 _generations = itertools.count(1)
 
@@ -155,8 +143,7 @@ class TokenVerifier:
         claims = _json_object(payload_b64)
         exp = self._check_times(claims)
         self._check_audience_issuer(claims)
-        user = self.policy.subject(claims)
-        return VerifiedToken(user, header_safe(user), exp, key.kid)
+        return VerifiedToken(self.policy.subject(claims), exp, key.kid)
 
     def _select_keys(self, header: dict[str, Any]) -> tuple[Any, tuple[VerificationKey, ...]]:
         if "alg" not in header:
@@ -217,21 +204,3 @@ class TokenVerifier:
                 raise Rejected(Reason.AUDIENCE_INVALID)
         if self.policy.issuer is not None and claims.get("iss") != self.policy.issuer:
             raise Rejected(Reason.ISSUER_INVALID)
-
-
-def key_value_subject(claim: str, key: str) -> SubjectReader:
-    """MoEngage's shape: `{"key": <key>, "value": <non-empty string>}`, nothing else."""
-
-    def read(claims: dict[str, Any]) -> str:
-        subject = claims.get(claim)
-        if (
-            not isinstance(subject, dict)
-            or len(subject) != 2
-            or subject.get("key") != key
-            or not isinstance(value := subject.get("value"), str)
-            or not value
-        ):
-            raise Rejected(Reason.SUBJECT_INVALID)
-        return value
-
-    return read
