@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import hmac
 import ipaddress
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,13 @@ from gateway.keys import (
     parse_public_pem,
     parse_secret,
 )
-from gateway.routes import RouteEntry, Router, TemplateError, compile_template
+from gateway.routes import (
+    RouteEntry,
+    Router,
+    TemplateError,
+    compile_template,
+    placeholder_pattern,
+)
 from gateway.subject import IdMapSubject, ScalarSubject, Subject
 from gateway.verify import Policy, TokenCache, TokenVerifier
 
@@ -75,6 +82,8 @@ class Project:
 @dataclass(frozen=True, slots=True)
 class ProjectFromPath:
     group: str = "project"
+    # `{project:a|b}`: the route serves only these projects (and never the defaults).
+    only: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +378,13 @@ def _compile_route(
             assert route_settings.project.id is not None
             project_from = ProjectFixed(route_settings.project.id)
     elif "project" in pattern.groupindex:
-        project_from = ProjectFromPath()
+        restriction = placeholder_pattern(route_settings.path, "project")
+        literal = restriction is not None and re.fullmatch(
+            r"[A-Za-z0-9._~-]+(\|[A-Za-z0-9._~-]+)*", restriction
+        )
+        project_from = ProjectFromPath(
+            only=frozenset(restriction.lower().split("|")) if literal and restriction else None
+        )
     else:
         problems.append(
             Problem(path, "no project: add {project} to the path, or a project: {header|id} block")
@@ -434,10 +449,16 @@ def _check_identity_fits(
 
 
 def _reachable_projects(route: Route, settings: Settings) -> list[tuple[str, ProjectSettings]]:
-    if isinstance(route.project_from, ProjectFixed):
-        wanted = route.project_from.id.lower()
+    source = route.project_from
+    if isinstance(source, ProjectFixed):
+        wanted = source.id.lower()
         listed = [(k, v) for k, v in settings.projects.items() if k.lower() == wanted]
         return listed or [("defaults", settings.defaults)]
+    if isinstance(source, ProjectFromPath) and source.only is not None:
+        listed = [(k, v) for k, v in settings.projects.items() if k.lower() in source.only]
+        if len(listed) < len(source.only):
+            listed.append(("defaults", settings.defaults))
+        return listed
     return [("defaults", settings.defaults), *settings.projects.items()]
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import Any, Protocol
 
 from gateway.tasks import spawn
 
@@ -19,8 +19,13 @@ FLUSH_INTERVAL_SECONDS = 0.2
 FLUSH_BYTES = 64 * 1024
 
 
+class TextSink(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
 class AccessLog:
-    def __init__(self, stream: IO[str] | None = None, *, enabled: bool = True) -> None:
+    def __init__(self, stream: TextSink | None = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
         self._stream = stream if stream is not None else sys.stdout
         self._pending: list[str] = []

@@ -76,6 +76,12 @@ def compile_template(template: str) -> re.Pattern[str]:
         raise TemplateError(f"placeholder regex does not compile: {exc}") from None
 
 
+def placeholder_pattern(template: str, name: str) -> str | None:
+    """The regex written for `{name:regex}` in a template, None for a plain `{name}`."""
+    match = re.search(r"\{" + re.escape(name) + r"(?::((?:[^{}]|\{[^{}]*\})*))?\}", template)
+    return match.group(1) if match and match.group(1) else None
+
+
 RouteT = TypeVar("RouteT")
 
 

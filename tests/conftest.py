@@ -271,7 +271,7 @@ async def make_gateway(
         server = GatewayServer(
             compiled,
             clock=clock,
-            access_log=AccessLog(_CapturedLog(lines)),  # type: ignore[arg-type]
+            access_log=AccessLog(_CapturedLog(lines)),
         )
         await server.start()
         running = RunningGateway(server, clock, lines)
@@ -281,6 +281,42 @@ async def make_gateway(
     yield start
     for running in started:
         await running.server.stop()
+
+
+ExampleFactory = Callable[[str, dict[str, str], dict[str, str]], Awaitable[RunningGateway]]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "config"
+
+
+@pytest.fixture
+async def serve_example(
+    tmp_path: Path, upstream: Upstream, clock: ManualClock
+) -> AsyncIterator[ExampleFactory]:
+    """Serve one of the shipped example configs, on loopback ports, in front of `upstream`.
+
+    `key_files` maps the config's relative `pem_file` paths to PEM text; `env` fills its
+    `${...}` secrets."""
+    started: list[GatewayServer] = []
+
+    async def start(name: str, key_files: dict[str, str], env: dict[str, str]) -> RunningGateway:
+        config = yaml.safe_load((EXAMPLES / name).read_text())
+        config.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0")
+        config["upstream"] = {"url": upstream.url}
+        for relative, pem in key_files.items():
+            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / relative).write_text(pem)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        compiled = compile_config(load_settings(path, env=env), clock)
+        lines: list[dict[str, Any]] = []
+        server = GatewayServer(compiled, clock=clock, access_log=AccessLog(_CapturedLog(lines)))
+        await server.start()
+        started.append(server)
+        return RunningGateway(server, clock, lines)
+
+    yield start
+    for server in started:
+        await server.stop()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 
 from gateway.clock import ManualClock
 from gateway.counters import FailureCounter, session_key
@@ -111,11 +112,11 @@ async def send(
     gateway: RunningGateway,
     headers: dict[str, str],
     user: str = "alice",
-) -> tuple[int, dict[str, Any], dict[str, str]]:
+) -> tuple[int, dict[str, Any], CIMultiDict[str]]:
     body = json.dumps({"customer_ids": {"registered": user}})
     all_headers = {"Content-Type": "application/json", **headers}
     async with http.post(gateway.url + EVENTS, data=body, headers=all_headers) as response:
-        return response.status, await response.json(), dict(response.headers)
+        return response.status, await response.json(), CIMultiDict(response.headers)
 
 
 async def test_session_is_limited_after_threshold(
