@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import hmac as hmac_module
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from multidict import CIMultiDict
 
 from tests.conftest import (
+    EXAMPLES,
     ExampleFactory,
     GatewayFactory,
     KeyPair,
@@ -470,3 +476,35 @@ async def test_pss_signature_needs_pss_algorithm(
         {"X-Sdk-Auth-Token": f"{signing_input}.{b64url(signature)}"},
     )
     assert (status, answer["error"]["reason"]) == (401, "signature_invalid")
+
+
+# --- the shipped examples pass `gateway check-config` -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "key_files", "env"),
+    [
+        ("moengage.yaml", ["keys/moengage-a.public.pem", "keys/moengage-b.public.pem"], {}),
+        ("bloomreach.yaml", [], BLOOMREACH_ENV),
+        ("braze.yaml", ["keys/braze-rsa.public.pem", "keys/braze-ec.public.pem"], {}),
+    ],
+)
+def test_example_passes_check_config(
+    tmp_path: Path, key_a: KeyPair, name: str, key_files: list[str], env: dict[str, str]
+) -> None:
+    ec_pem = public_pem(ec.generate_private_key(ec.SECP256R1()))
+    for relative in key_files:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(ec_pem if "-ec." in relative else key_a.public_pem)
+    shutil.copy(EXAMPLES / name, tmp_path / name)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "-c", str(tmp_path / name)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK:")
+    assert "routes:" in result.stdout
