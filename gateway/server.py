@@ -19,6 +19,7 @@ from gateway.compiled import CompiledConfig, compile_config
 from gateway.config import ConfigError, Problem, load_settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
+from gateway.counters.redis import RedisFailureCounter
 from gateway.logs import AccessLog
 from gateway.proxy import Upstream
 from gateway.server_protocol import ContractServer
@@ -50,9 +51,12 @@ def bind(address: str, *, reuse_port: bool) -> socket.socket:
 
 def make_counter(config: CompiledConfig, clock: Clock) -> FailureCounter:
     settings = config.settings.failure_counter
-    if settings.backend != "memory":
-        raise ConfigError(
-            [Problem("failure_counter.backend", f"{settings.backend} is not available yet")]
+    if settings.backend == "redis":
+        return RedisFailureCounter(
+            url=settings.redis_url,
+            cluster=settings.redis_cluster,
+            timeout_ms=settings.redis_timeout_ms,
+            ttl_seconds=settings.session_ttl_seconds,
         )
     return MemoryFailureCounter(
         ttl_seconds=settings.session_ttl_seconds, max_sessions=settings.max_sessions, clock=clock

@@ -3,75 +3,124 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
 from multidict import CIMultiDict
+from redis.asyncio import Redis
 
 from gateway.clock import ManualClock
 from gateway.counters import FailureCounter, session_key
 from gateway.counters.memory import MemoryFailureCounter
+from gateway.counters.redis import RedisFailureCounter
 from tests.conftest import NOW, GatewayFactory, RunningGateway, Tokens, Upstream
+from tests.redis_support import RedisProcess
 
-CounterFactory = Callable[[int, int], FailureCounter]
+
+@dataclass
+class CounterUnderTest:
+    """A backend plus a way to move its time: the manual clock, or Redis TTLs moved down."""
+
+    counter: FailureCounter
+    advance: Callable[[float], Awaitable[None]]
 
 
-@pytest.fixture(params=["memory"])
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _age_redis_keys(client: Redis, seconds: float) -> None:
+    async for name in client.scan_iter("gwfc:*"):
+        remaining = await client.pttl(name)
+        if remaining - seconds * 1000 <= 0:
+            await client.delete(name)
+        else:
+            await client.pexpire(name, int(remaining - seconds * 1000))
+
+
+CounterFactory = Callable[[int, int], Awaitable[CounterUnderTest]]
+
+
+@pytest.fixture(params=["memory", "redis"])
 async def make_counter(
     request: pytest.FixtureRequest, clock: ManualClock
 ) -> AsyncIterator[CounterFactory]:
     made: list[FailureCounter] = []
+    admin: Redis | None = None
 
-    def make(ttl_seconds: int, max_sessions: int) -> FailureCounter:
-        counter = MemoryFailureCounter(
-            ttl_seconds=ttl_seconds, max_sessions=max_sessions, clock=clock
-        )
+    async def make(ttl_seconds: int, max_sessions: int) -> CounterUnderTest:
+        nonlocal admin
+        counter: FailureCounter
+        if request.param == "memory":
+            counter = MemoryFailureCounter(
+                ttl_seconds=ttl_seconds, max_sessions=max_sessions, clock=clock
+            )
+
+            async def advance(seconds: float) -> None:
+                clock.advance(seconds)
+
+        else:
+            server: RedisProcess = request.getfixturevalue("shared_redis")
+            admin = Redis.from_url(server.url)
+            await admin.flushall()
+            counter = RedisFailureCounter(
+                url=server.url, cluster=False, timeout_ms=1000, ttl_seconds=ttl_seconds
+            )
+            client = admin
+
+            async def advance(seconds: float) -> None:
+                await _age_redis_keys(client, seconds)
+
         made.append(counter)
-        return counter
+        return CounterUnderTest(counter, advance)
 
     yield make
     for counter in made:
         await counter.close()
+    if admin is not None:
+        await admin.aclose()
 
 
 KEY = session_key("app", "app", "session", "s-1")
 OTHER = session_key("app", "app", "session", "s-2")
 
 
-async def test_failures_count_up_within_the_window(
-    make_counter: CounterFactory, clock: ManualClock
-) -> None:
-    counter = make_counter(1800, 100)
+async def test_failures_count_up_within_the_window(make_counter: CounterFactory) -> None:
+    under_test = await make_counter(1800, 100)
     counts = []
     for _ in range(3):
-        result = await counter.record_failure(KEY)
+        result = await under_test.counter.record_failure(KEY)
         assert result is not None
         counts.append(result.count)
-        clock.advance(100)
+        await under_test.advance(100)
     assert counts == [1, 2, 3]
 
 
-async def test_window_is_fixed_from_the_first_failure(
-    make_counter: CounterFactory, clock: ManualClock
-) -> None:
-    counter = make_counter(1800, 100)
+async def test_window_is_fixed_from_the_first_failure(make_counter: CounterFactory) -> None:
+    under_test = await make_counter(1800, 100)
+    counter = under_test.counter
     first = await counter.record_failure(KEY)
     assert first is not None
     assert first.retry_after == 1800
-    clock.advance(600.5)
+    await under_test.advance(600.5)
     later = await counter.record_failure(KEY)
     assert later is not None
     assert later.retry_after == 1200  # ceil(1800 - 600.5), not a fresh 1800
-    clock.advance(1200)
+    await under_test.advance(1200)
     fresh = await counter.record_failure(KEY)
     assert fresh is not None
     assert (fresh.count, fresh.retry_after) == (1, 1800)
 
 
 async def test_reset_clears_only_that_session(make_counter: CounterFactory) -> None:
-    counter = make_counter(1800, 100)
+    counter = (await make_counter(1800, 100)).counter
     await counter.record_failure(KEY)
     await counter.record_failure(OTHER)
     counter.reset(KEY)
@@ -82,8 +131,8 @@ async def test_reset_clears_only_that_session(make_counter: CounterFactory) -> N
     assert (after_reset.count, other.count) == (1, 2)
 
 
-async def test_least_recently_used_sessions_are_evicted(make_counter: CounterFactory) -> None:
-    counter = make_counter(1800, 2)
+async def test_least_recently_used_sessions_are_evicted(clock: ManualClock) -> None:
+    counter = MemoryFailureCounter(ttl_seconds=1800, max_sessions=2, clock=clock)
     keys = [session_key("app", "app", "session", f"s-{i}") for i in range(3)]
     for key in keys:
         await counter.record_failure(key)
