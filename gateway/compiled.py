@@ -276,14 +276,22 @@ def _compile_project(
         mode=settings.mode,
         subject=subject,
         verifier=verifier,
-        api_key_digests=tuple(_api_key_digest(k) for k in settings.api_keys),
+        api_key_digests=tuple(
+            d for d in (_api_key_digest(k) for k in settings.api_keys) if d is not None
+        ),
         expiry_warning_seconds=settings.expiry_warning_seconds,
     )
 
 
-def _api_key_digest(entry: str) -> bytes:
-    if entry.startswith("sha256:"):
+_SHA256_ENTRY = re.compile(r"sha256:[0-9a-fA-F]{64}")
+
+
+def _api_key_digest(entry: str) -> bytes | None:
+    """The digest an API key entry stands for; None for one `_check_api_keys` refuses."""
+    if _SHA256_ENTRY.fullmatch(entry):
         return bytes.fromhex(entry.removeprefix("sha256:"))
+    if not entry or entry.startswith("sha256:"):
+        return None
     return hashlib.sha256(entry.encode()).digest()
 
 
@@ -291,12 +299,10 @@ def _check_api_keys(settings: ProjectSettings, path: str, problems: list[Problem
     for index, entry in enumerate(settings.api_keys):
         if not entry:
             problems.append(Problem(f"{path}.api_keys[{index}]", "an API key is empty"))
-        elif entry.startswith("sha256:"):
-            hex_digest = entry.removeprefix("sha256:")
-            if len(hex_digest) != 64 or any(c not in "0123456789abcdefABCDEF" for c in hex_digest):
-                problems.append(
-                    Problem(f"{path}.api_keys[{index}]", "sha256: needs 64 hexadecimal digits")
-                )
+        elif entry.startswith("sha256:") and not _SHA256_ENTRY.fullmatch(entry):
+            problems.append(
+                Problem(f"{path}.api_keys[{index}]", "sha256: needs 64 hexadecimal digits")
+            )
 
 
 # --- routes ------------------------------------------------------------------------------------
@@ -496,7 +502,9 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
         if project.verifier is None:
             continue
         for key in project.verifier.keys.keys:
-            owners.setdefault(key.material, []).append(project_id)
+            users = owners.setdefault(key.material, [])
+            if project_id not in users:
+                users.append(project_id)
             shown[key.material] = f"{key.kid} ({key.fingerprint})"
     for material, users in owners.items():
         unscoped = [

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,6 +67,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark
+            )
         if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -113,10 +118,11 @@ def substitute_env(
         if match.group(1) == "$":
             return "$"
         name, default = match.group(2), match.group(3)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
+        value = env.get(name)
+        if default is not None and not value:
+            return default  # `:-` as in the shell: unset or empty
+        if value is not None:
+            return value
         problems.append(Problem(yaml_path(loc), f"environment variable {name} is not set"))
         return ""
 
@@ -328,11 +334,29 @@ class RouteSettings(_Settings):
         return value
 
 
+def _workers(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 256:
+        raise ValueError("expected a number of processes from 1 to 256, or auto")
+    return value
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("not a CIDR (expected e.g. 10.0.0.0/8)") from None
+    return value
+
+
 class Settings(_Settings):
     listen: ListenAddress = "0.0.0.0:8080"
     admin_listen: ListenAddress = "127.0.0.1:9090"
-    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
-    trusted_proxies: tuple[str, ...] = ()
+    workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
+    trusted_proxies: tuple[Annotated[str, AfterValidator(_cidr)], ...] = ()
     upstream: UpstreamSettings = UpstreamSettings()
     limits: LimitsSettings = LimitsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
@@ -346,16 +370,6 @@ class Settings(_Settings):
     session: tuple[SourceSettings, ...] = ()
     routes: Annotated[tuple[RouteSettings, ...], Field(min_length=1)]
 
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a CIDR") from None
-        return value
-
 
 # --- loading -----------------------------------------------------------------------------------
 
@@ -368,17 +382,45 @@ _MESSAGES = {
 }
 
 
+_CREDENTIALS_IN_URL = re.compile(r"(://)[^/@\s]*@")
+
+
+def _location(error: Mapping[str, Any]) -> tuple[int | str, ...]:
+    # Drop pydantic's own steps (`function-after[...]`, union branches): they are not YAML.
+    return tuple(
+        p
+        for p in error["loc"]
+        if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))
+    )
+
+
 def _describe(error: Mapping[str, Any]) -> Problem:
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    loc = _location(error)
     path = yaml_path(loc)
     message = _MESSAGES.get(error["type"], str(error["msg"]))
     message = message.removeprefix("Value error, ")
-    if error["type"] == "missing" or any(str(p) in _SECRET_FIELDS for p in loc):
+    quiet = error["type"] in ("missing", "extra_forbidden")  # an unknown key may be a secret
+    if quiet or any(str(p) in _SECRET_FIELDS for p in loc):
         return Problem(path, message)
     bad = error.get("input")
-    if isinstance(bad, dict):
+    if isinstance(bad, dict | list | tuple):
         return Problem(path, message)
-    return Problem(path, f"{message} (got {bad!r})")
+    shown = _CREDENTIALS_IN_URL.sub(r"\1***@", repr(bad))
+    return Problem(path, f"{message} (got {shown})")
+
+
+def _problems(errors: list[Any], known: set[str]) -> list[Problem]:
+    """Pydantic errors as problems, minus echoes: a list whose only item failed is not also
+    "too short", and a value whose variable was unset is reported once, as unset."""
+    described = [_describe(e) for e in errors]
+    failed_items = {p.path.rsplit("[", 1)[0] for p in described if p.path.endswith("]")}
+    return [
+        p
+        for p, e in zip(described, errors, strict=True)
+        if p.path not in known
+        and not (e["type"] == "too_short" and p.path in failed_items)
+        and not (p.path.rsplit("[", 1)[0] in failed_items and e["type"] == "too_short")
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +440,8 @@ def parse_settings(raw: Any, source: Path, env: Mapping[str, str]) -> LoadedConf
     try:
         settings = Settings.model_validate(substituted)
     except ValidationError as exc:
-        problems.extend(_describe(e) for e in exc.errors(include_url=False))
+        unset = {p.path for p in problems}
+        problems.extend(_problems(exc.errors(include_url=False), unset))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)

@@ -1,0 +1,593 @@
+"""SPEC §2: the `gateway` command, run as a real subprocess (`python -m gateway`).
+
+Servers run on free loopback ports; every wait polls with a deadline, and every process started
+here is killed and reaped in a `finally`, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import http.client
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.conftest import KeyPair, base_config, free_port, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEADLINE_SECONDS = 20.0
+EVENTS = "/track/v2/projects/app/customers/events"
+ANONYMOUS = {"customer_ids": {"cookie": "c-123"}, "event_type": "view"}
+
+
+# --- running the command -----------------------------------------------------------------------
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test's environment, with this checkout first on the path and no stray config."""
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def gateway_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gateway", *args]
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        gateway_argv(*args),
+        cwd=cwd,
+        env=env if env is not None else cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_SECONDS,
+        check=False,
+    )
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON operational log lines the gateway writes on stderr."""
+        records = []
+        for line in self.stderr().splitlines():
+            if line.startswith("{"):
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line still being written
+        return records
+
+
+@contextmanager
+def started(argv: list[str], cwd: Path, name: str) -> Iterator[Process]:
+    stdout_path, stderr_path = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+        popen = subprocess.Popen(argv, cwd=cwd, env=cli_env(), stdout=out, stderr=err)
+        try:
+            yield Process(popen, stdout_path, stderr_path)
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+            popen.wait(timeout=DEADLINE_SECONDS)
+
+
+def wait_for(what: str, condition: Callable[[], bool], process: Process | None = None) -> None:
+    """Poll `condition` until it holds; fail at the deadline or as soon as `process` exits."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and process.popen.poll() is not None:
+            pytest.fail(
+                f"{what}: the process exited with {process.popen.returncode}\n"
+                f"stdout:\n{process.stdout()}\nstderr:\n{process.stderr()}"
+            )
+        time.sleep(0.05)  # the poll interval, not a synchronisation point
+    pytest.fail(f"{what}: not within {DEADLINE_SECONDS} s")
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_SECONDS)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json"} if data is not None else {}
+        connection.request(method, path, body=data, headers={**all_headers, **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def answers_200(port: int, path: str) -> bool:
+    try:
+        return request(port, "GET", path)[0] == 200
+    except OSError:
+        return False
+
+
+def expected_fingerprint(pair: KeyPair) -> str:
+    der = pair.private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "SHA256:" + base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+
+
+def lines_matching(pattern: str, text: str) -> list[int]:
+    """Indexes of the lines of `text` that `pattern` matches whole."""
+    return [i for i, line in enumerate(text.splitlines()) if re.fullmatch(pattern, line)]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working directory away from the config, so relative paths prove what they are
+    relative to."""
+    path = tmp_path / "cwd"
+    path.mkdir()
+    return path
+
+
+def two_project_config(key_b: KeyPair, upstream_url: str = "http://127.0.0.1:9") -> dict[str, Any]:
+    config = copy.deepcopy(base_config(upstream_url))
+    config["projects"]["shop"] = {
+        "mode": "monitor",
+        "audience": "shop",
+        "keys": [{"id": "key-b", "pem": key_b.public_pem}],
+    }
+    return config
+
+
+# --- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_summarises_a_valid_config(
+    tmp_path: Path, workdir: Path, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    path = write_config(tmp_path, two_project_config(key_b), {"a.pem": key_a})
+    result = run_cli("check-config", "-c", str(path), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    [app] = lines_matching(r"\s+app\s+mode=required\b.*", out)
+    [key_a_line] = lines_matching(rf"\s+.*\bkey-a\s+{re.escape(expected_fingerprint(key_a))}", out)
+    [shop] = lines_matching(r"\s+shop\s+mode=monitor\b.*", out)
+    [key_b_line] = lines_matching(rf"\s+.*\bkey-b\s+{re.escape(expected_fingerprint(key_b))}", out)
+    assert app < key_a_line < shop < key_b_line  # each key is listed under its project
+    for name, template in [
+        ("track-events", "/track/v2/projects/{project}/customers/events"),
+        ("track-batch", "/track/v2/projects/{project}/batch"),
+        ("sdk-config", "/v2/sdkconfig"),
+    ]:
+        assert lines_matching(rf"\s+{name}\s+.*{re.escape(template)}.*", out), out
+    assert "warning" not in out.lower()
+    assert len(out.splitlines()) <= 40  # one screen
+
+
+def test_check_config_prints_warnings_and_exits_0(
+    tmp_path: Path, workdir: Path, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    config = two_project_config(key_b)
+    config["workers"] = 2
+    config["projects"]["other"] = {
+        "mode": "monitor",
+        "keys": [{"id": "k", "pem": key_a.public_pem}],
+    }
+    path = write_config(tmp_path, config, {"a.pem": key_a})
+    result = run_cli("check-config", "-c", str(path), cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    both = result.stdout + result.stderr
+    assert lines_matching(
+        r"\s*failure_counter\.backend: memory with more than one worker: .*", both
+    ), both
+    assert lines_matching(
+        r"\s*projects: projects app, other share key .* and app, other set no audience or "
+        r"issuer: each accepts the other's tokens",
+        both,
+    ), both
+
+
+def test_check_config_lists_every_problem_with_its_path_and_exits_1(
+    tmp_path: Path, workdir: Path, key_a: KeyPair
+) -> None:
+    # A weak key an operator might paste, which the gateway must refuse.
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    small_pem = (
+        small.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    config = copy.deepcopy(base_config("http://127.0.0.1:9"))
+    config["projects"]["p1"] = {"mode": "required", "keys": [{"id": "k1", "pem": small_pem}]}
+    config["projects"]["app"]["keys"].append({"id": "key-b", "pem_file": "keys/b.pem"})
+    config["routes"][1]["name"] = "track-events"
+    config["routes"][2]["token"] = [{"json": "token"}]
+    path = write_config(tmp_path, config, {"a.pem": key_a})
+    result = run_cli("check-config", "-c", str(path), cwd=workdir)
+    assert result.returncode == 1
+    assert "config OK" not in result.stdout
+    for pattern in [
+        r"projects\.p1\.keys\[0\]\.pem: RSA key is 1024 bits; at least 2048 required",
+        r"projects\.app\.keys\[1\]\.pem_file: keys/b\.pem: no such file",
+        r"routes\[0\]\.name: 'track-events' names two routes",
+        r"routes\[1\]\.name: 'track-events' names two routes",
+        r"routes\[2\]\.token\[0\]: a token is read from a header or query, not json",
+    ]:
+        assert lines_matching(rf"\s*{pattern}", result.stderr), (pattern, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_reads_gateway_config_in_place_of_dash_c(
+    tmp_path: Path, workdir: Path, key_a: KeyPair
+) -> None:
+    config = copy.deepcopy(base_config("http://127.0.0.1:9"))
+    path = write_config(tmp_path, config, {"a.pem": key_a})
+    env = cli_env(GATEWAY_CONFIG=str(path))
+    result = run_cli("check-config", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert str(path.resolve()) in result.stdout
+    assert lines_matching(r"\s+app\s+mode=required\b.*", result.stdout)
+
+    config["projects"]["app"]["mode"] = "requird"
+    write_config(tmp_path, config, {"a.pem": key_a})
+    result = run_cli("check-config", cwd=workdir, env=env)
+    assert result.returncode == 1
+    assert lines_matching(r"\s*projects\.app\.mode: .* \(got 'requird'\)", result.stderr)
+
+
+def test_check_config_without_any_config_says_how_to_give_one(workdir: Path) -> None:
+    result = run_cli("check-config", cwd=workdir)
+    assert result.returncode != 0
+    assert "GATEWAY_CONFIG" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- run: refusing -----------------------------------------------------------------------------
+
+
+def test_run_refuses_an_invalid_config_and_prints_every_problem(
+    tmp_path: Path, workdir: Path, key_a: KeyPair
+) -> None:
+    config = copy.deepcopy(base_config("http://127.0.0.1:9"))
+    config["listen"] = f"127.0.0.1:{free_port()}"
+    config["admin_listen"] = f"127.0.0.1:{free_port()}"
+    config["projects"]["app"]["mode"] = "requird"
+    config["projects"]["app"]["audience"] = "${APP_AUDIENCE_FOR_CLI_TEST}"
+    config["upstream"]["url"] = "https://tracking.example"
+    path = write_config(tmp_path, config, {"a.pem": key_a})
+    result = run_cli("run", "-c", str(path), cwd=workdir)
+    assert result.returncode != 0
+    for pattern in [
+        r"projects\.app\.mode: .* \(got 'requird'\)",
+        r"projects\.app\.audience: environment variable APP_AUDIENCE_FOR_CLI_TEST is not set",
+        r"upstream\.url: expected http://.* \(got 'https://tracking\.example'\)",
+    ]:
+        assert lines_matching(rf"\s*{pattern}", result.stderr), (pattern, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+# --- keygen ------------------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_private_and_a_public_pem(workdir: Path) -> None:
+    out_dir = workdir / "keys" / "new"
+    result = run_cli("keygen", "--out-dir", str(out_dir), "--name", "acme", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    private_path, public_path = out_dir / "acme.private.pem", out_dir / "acme.public.pem"
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    private = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    public = serialization.load_pem_public_key(public_path.read_bytes())
+    assert isinstance(private, rsa.RSAPrivateKey)
+    assert isinstance(public, rsa.RSAPublicKey)
+    assert private.key_size == 2048
+    assert public.public_numbers() == private.public_key().public_numbers()
+    assert b"PRIVATE" not in public_path.read_bytes()
+    assert expected_fingerprint(KeyPair(private)) in result.stdout
+
+
+def test_keygen_never_overwrites(workdir: Path) -> None:
+    first = run_cli("keygen", "--out-dir", str(workdir), "--name", "acme", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in workdir.glob("acme.*.pem")}
+    again = run_cli("keygen", "--out-dir", str(workdir), "--name", "acme", cwd=workdir)
+    assert again.returncode != 0
+    assert "exists" in again.stderr
+    assert {p.name: p.read_bytes() for p in workdir.glob("acme.*.pem")} == before
+
+    (workdir / "solo.public.pem").write_text("kept\n")  # only one half of a pair is there
+    half = run_cli("keygen", "--out-dir", str(workdir), "--name", "solo", cwd=workdir)
+    assert half.returncode != 0
+    assert (workdir / "solo.public.pem").read_text() == "kept\n"
+    assert not (workdir / "solo.private.pem").exists()
+
+
+def test_keygen_refuses_fewer_than_2048_bits(workdir: Path) -> None:
+    result = run_cli("keygen", "--bits", "1024", "--out-dir", str(workdir), cwd=workdir)
+    assert result.returncode != 0
+    assert "2048" in result.stderr
+    assert list(workdir.glob("*.pem")) == []
+
+
+# --- token mint --------------------------------------------------------------------------------
+
+
+def write_private_key(directory: Path, pair: KeyPair) -> Path:
+    path = directory / "customer.private.pem"
+    path.write_bytes(pair.private_pem)
+    return path
+
+
+def test_token_mint_prints_a_jwt_in_the_contract_shape(
+    workdir: Path, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    key_file = write_private_key(workdir, key_a)
+    before = int(time.time())
+    result = run_cli(
+        "token",
+        "mint",
+        "--private-key",
+        str(key_file),
+        "--user",
+        "alice",
+        "--kid",
+        "key-a",
+        "--ttl",
+        "600",
+        cwd=workdir,
+    )
+    after = int(time.time())
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": "key-a", "typ": "JWT"}
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == {"key": "uid", "value": "alice"}
+    assert before <= claims["iat"] <= after
+    assert claims["exp"] == claims["iat"] + 600
+    # PyJWT checks `sub` is a string by default; the contract's `sub` is a {key, value} map.
+    verified = jwt.decode(
+        token, key_a.public_pem, algorithms=["RS256"], options={"verify_sub": False}
+    )
+    assert verified == claims
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, key_b.public_pem, algorithms=["RS256"], options={"verify_sub": False})
+
+
+def test_token_mint_takes_user_key_and_algorithm(workdir: Path, key_a: KeyPair) -> None:
+    key_file = write_private_key(workdir, key_a)
+    result = run_cli(
+        "token",
+        "mint",
+        "--private-key",
+        str(key_file),
+        "--user",
+        "bob",
+        "--user-key",
+        "registered",
+        "--alg",
+        "RS512",
+        cwd=workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.get_unverified_header(token) == {"alg": "RS512", "typ": "JWT"}
+    claims = jwt.decode(
+        token, key_a.public_pem, algorithms=["RS512"], options={"verify_sub": False}
+    )
+    assert claims["sub"] == {"key": "registered", "value": "bob"}
+    assert claims["exp"] == claims["iat"] + 3600
+
+
+def test_token_mint_with_a_negative_ttl_mints_an_expired_token(
+    workdir: Path, key_a: KeyPair
+) -> None:
+    key_file = write_private_key(workdir, key_a)
+    result = run_cli(
+        "token",
+        "mint",
+        "--private-key",
+        str(key_file),
+        "--user",
+        "alice",
+        "--kid",
+        "key-a",
+        "--ttl",
+        "-300",
+        cwd=workdir,
+    )
+    after = int(time.time())
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    with pytest.raises(jwt.ExpiredSignatureError):
+        jwt.decode(token, key_a.public_pem, algorithms=["RS256"], options={"verify_sub": False})
+    claims = jwt.decode(
+        token,
+        key_a.public_pem,
+        algorithms=["RS256"],
+        options={"verify_sub": False, "verify_exp": False},
+    )  # the signature is good: the token is expired, not forged
+    assert claims["exp"] <= after - 300
+    assert claims["iat"] <= claims["exp"]
+
+
+# --- run: serving ------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    gateway: Process
+    config: dict[str, Any]
+    config_path: Path
+    public_port: int
+    admin_port: int
+    upstream_port: int
+
+    def readyz(self) -> dict[str, Any]:
+        status, body = request(self.admin_port, "GET", "/readyz")
+        assert status == 200, body
+        parsed: dict[str, Any] = json.loads(body)
+        return parsed
+
+    def upstream_records(self) -> list[dict[str, Any]]:
+        status, body = request(self.upstream_port, "GET", "/_sample/requests")
+        assert status == 200
+        records: list[dict[str, Any]] = json.loads(body)
+        return records
+
+    def last_forwarded_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.upstream_records()[-1]["headers"]}
+
+    def rewrite_config(self, edit: Callable[[dict[str, Any]], None], key_a: KeyPair) -> None:
+        config = copy.deepcopy(self.config)
+        edit(config)
+        write_config(self.config_path.parent, config, {"a.pem": key_a})
+
+
+@pytest.fixture
+def served(tmp_path: Path, workdir: Path, key_a: KeyPair) -> Iterator[Served]:
+    """The sample upstream and `gateway run`, each a subprocess on free loopback ports."""
+    upstream_port = free_port()
+    upstream_argv = gateway_argv("sample-upstream", "--listen", f"127.0.0.1:{upstream_port}")
+    with started(upstream_argv, workdir, "upstream") as upstream:
+        wait_for(
+            "the sample upstream answers",
+            lambda: answers_200(upstream_port, "/_sample/requests"),
+            upstream,
+        )
+        config = copy.deepcopy(base_config(f"http://127.0.0.1:{upstream_port}"))
+        public_port, admin_port = free_port(), free_port()
+        config["listen"] = f"127.0.0.1:{public_port}"
+        config["admin_listen"] = f"127.0.0.1:{admin_port}"
+        path = write_config(tmp_path, config, {"a.pem": key_a})
+        with started(gateway_argv("run", "-c", str(path)), workdir, "gateway") as gateway:
+            wait_for("/readyz answers 200", lambda: answers_200(admin_port, "/readyz"), gateway)
+            yield Served(gateway, config, path, public_port, admin_port, upstream_port)
+
+
+def stop_with_sigterm(served: Served) -> int:
+    served.gateway.popen.send_signal(signal.SIGTERM)
+    return served.gateway.popen.wait(timeout=DEADLINE_SECONDS)
+
+
+def test_run_serves_until_sigterm_then_exits_0(
+    served: Served, workdir: Path, key_a: KeyPair
+) -> None:
+    status, body = request(served.public_port, "POST", EVENTS, ANONYMOUS)
+    assert (status, json.loads(body)) == (200, {"success": True})
+    assert served.last_forwarded_headers()["x-auth-status"] == "anonymous"
+
+    # A token from `gateway token mint` is one the running gateway verifies.
+    minted = run_cli(
+        "token",
+        "mint",
+        "--private-key",
+        str(write_private_key(workdir, key_a)),
+        "--user",
+        "alice",
+        "--kid",
+        "key-a",
+        cwd=workdir,
+    )
+    assert minted.returncode == 0, minted.stderr
+    identified = {"customer_ids": {"registered": "alice"}, "event_type": "purchase"}
+    token_header = {"X-Sdk-Auth-Token": minted.stdout.strip()}
+    status, _ = request(served.public_port, "POST", EVENTS, identified, token_header)
+    assert status == 200
+    forwarded = served.last_forwarded_headers()
+    assert forwarded["x-auth-status"] == "verified"
+    assert forwarded["x-authenticated-user"] == "alice"
+
+    # The admin endpoints live on the admin port only.
+    status, _ = request(served.public_port, "GET", "/readyz")
+    assert status == 404
+
+    assert stop_with_sigterm(served) == 0
+    assert "Traceback" not in served.gateway.stderr()
+    with pytest.raises(ConnectionRefusedError):  # the listener is closed
+        request(served.public_port, "POST", EVENTS, ANONYMOUS)
+
+
+def test_sighup_and_reload_keep_the_running_config_when_the_new_one_is_invalid(
+    served: Served, key_a: KeyPair
+) -> None:
+    digest = served.readyz()["config_digest"]
+    identified = {"customer_ids": {"registered": "alice"}, "event_type": "purchase"}
+    status, body = request(served.public_port, "POST", EVENTS, identified)
+    assert status == 401  # required: an identified request without a token
+    assert json.loads(body)["error"]["code"] == "TOKEN_NOT_PROVIDED"
+
+    def break_it(config: dict[str, Any]) -> None:
+        config["projects"]["app"]["mode"] = "requird"
+
+    served.rewrite_config(break_it, key_a)
+    served.gateway.popen.send_signal(signal.SIGHUP)
+
+    def refusal_logged() -> bool:
+        return any(
+            r.get("message") == "reload refused"
+            and re.fullmatch(r"projects\.app\.mode: .* \(got 'requird'\)", str(r.get("problem")))
+            for r in served.gateway.log_records()
+        )
+
+    wait_for("SIGHUP's refusal is logged with the YAML path", refusal_logged, served.gateway)
+    assert served.readyz()["config_digest"] == digest  # still serving the old config
+    assert request(served.public_port, "POST", EVENTS, ANONYMOUS)[0] == 200
+
+    status, body = request(served.admin_port, "POST", "/-/reload")
+    assert status == 422
+    refused = json.loads(body)
+    assert refused["config_digest"] == digest
+    assert [p for p in refused["problems"] if re.fullmatch(r"projects\.app\.mode: .*", p)], refused
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\[\]-]+: .+", p) for p in refused["problems"]), refused
+    assert served.readyz()["config_digest"] == digest
+
+    def monitor_it(config: dict[str, Any]) -> None:
+        config["projects"]["app"]["mode"] = "monitor"
+
+    served.rewrite_config(monitor_it, key_a)
+    status, body = request(served.admin_port, "POST", "/-/reload")
+    assert status == 200, body
+    new_digest = json.loads(body)["config_digest"]
+    assert re.fullmatch(r"[0-9a-f]{16,}", new_digest)
+    assert new_digest != digest
+    assert served.readyz()["config_digest"] == new_digest
+    # The new config is the one deciding: monitor forwards what required refused.
+    status, _ = request(served.public_port, "POST", EVENTS, identified)
+    assert status == 200
+    assert served.last_forwarded_headers()["x-auth-status"] == "unverified"
+
+    assert stop_with_sigterm(served) == 0
