@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from gateway.server import GatewayServer
@@ -21,6 +22,13 @@ async def readyz(request: web.Request) -> web.Response:
     if server.draining:
         return web.json_response({"status": "draining"}, status=503)
     return web.json_response({"status": "ready", "config_digest": server.config.digest})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[SERVER_KEY].metrics.registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -40,6 +48,7 @@ async def reload(request: web.Request) -> web.Response:
 def make_admin_app(server: GatewayServer) -> web.Application:
     app = web.Application()
     app[SERVER_KEY] = server
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/-/reload", reload)

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -30,6 +30,7 @@ from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
 from gateway.errors import ErrorFormat, render_error
 from gateway.extract import RequestParts, collect_headers, parse_query
 from gateway.logs import AccessLog, utc_timestamp
+from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
 from gateway.proxy import (
     Forwarding,
     Upstream,
@@ -43,6 +44,11 @@ from gateway.routes import MethodNotAllowed, Target, parse_target
 from gateway.subject import identity_key
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_UPSTREAM_ERROR_KINDS = {
+    Reason.UPSTREAM_CONNECT: "connect",
+    Reason.UPSTREAM_TIMEOUT: "timeout",
+    Reason.UPSTREAM_BROKEN: "other",
+}
 UPSTREAM_RETRY_AFTER_SECONDS = 1
 KEYS_RETRY_AFTER_SECONDS = 5
 
@@ -65,6 +71,18 @@ class Exchange:
     upstream_status: int | None = None
     client: str | None = None
     cors_headers: dict[str, str] | None = None  # for an Origin the route's `cors` lists
+    authenticating: bool = False  # past route and size checks: a refusal is an auth decision
+
+
+@dataclass(slots=True)
+class Checked:
+    """What the checks made of a request: the body to forward and the auth outcome."""
+
+    body: bytes
+    decoded: bool = False
+    status: AuthStatus = AuthStatus.DISABLED
+    attempt: Attempt = field(default_factory=Attempt)
+    failure: Reason | None = None
 
 
 class Gateway:
@@ -76,13 +94,28 @@ class Gateway:
         counter: FailureCounter,
         upstream: Upstream,
         access_log: AccessLog,
+        metrics: Metrics,
     ) -> None:
-        self.config = config
         self.clock = clock
         self.counter = counter
         self.upstream = upstream
         self.access_log = access_log
+        self.metrics = metrics
         self.stopping = False
+        self.apply(config)
+
+    def apply(self, config: CompiledConfig) -> None:
+        """Serve `config` from the next request on; requests under way keep the one they had."""
+        self.bound = self.metrics.bind(
+            [entry.route.name for entry in config.router.entries],
+            {p.label: p.mode for p in (*config.projects.values(), config.other_projects)},
+            {
+                p.label: [k.kid for k in p.verifier.keys.keys] if p.verifier else []
+                for p in (*config.projects.values(), config.other_projects)
+            },
+            self.counter.backend,
+        )
+        self.config = config
 
     # --- the handler ---------------------------------------------------------------------------
 
@@ -94,18 +127,44 @@ class Gateway:
             if incoming_id is not None and _REQUEST_ID.fullmatch(incoming_id)
             else new_request_id()
         )
-        config = self.config  # one config for the whole request, even across a reload
+        # One config (and its bound metrics) for the whole request, even across a reload.
+        config, bound = self.config, self.bound
+        in_flight = self.metrics.in_flight
+        in_flight.inc()
         try:
-            response = await self._process(request, config, exchange)
+            response = await self._process(request, config, bound, exchange)
         except MethodNotAllowed as refused:
             response = self._refuse(exchange, refused.reason, allow=refused.allow)
         except Rejected as refused:
+            if exchange.authenticating and exchange.decision is None:
+                exchange.decision = "rejected"
             response = self._refuse(exchange, refused.reason)
+        finally:
+            in_flight.dec()
+        self._observe(bound, exchange, response.status, started)
         self._log(request, exchange, response.status, started)
         return response
 
+    def _observe(
+        self, bound: BoundMetrics, exchange: Exchange, status: int, started: float
+    ) -> None:
+        route, project, reason = exchange.route, exchange.project, exchange.reason
+        route_label = route.name if route else NO_ROUTE
+        project_label = project.label if project else NO_ROUTE
+        bound.request(route_label, project_label, status).inc()
+        bound.request_duration[route_label].observe(time.perf_counter() - started)
+        if exchange.decision is not None:
+            code = reason.code.name if reason else ""
+            bound.decision(project_label, exchange.mode, exchange.decision, code).inc()
+        if reason in _UPSTREAM_ERROR_KINDS:
+            self.metrics.upstream_error[_UPSTREAM_ERROR_KINDS[reason]].inc()
+
     async def _process(
-        self, request: web.BaseRequest, config: CompiledConfig, exchange: Exchange
+        self,
+        request: web.BaseRequest,
+        config: CompiledConfig,
+        bound: BoundMetrics,
+        exchange: Exchange,
     ) -> web.StreamResponse:
         if self.stopping:
             raise Rejected(Reason.SHUTTING_DOWN)
@@ -123,53 +182,74 @@ class Gateway:
 
         sdk_mode = project.mode if route.sdk_jwt else "disabled"
         exchange.mode = sdk_mode
-        forward_body, decoded = body, False
-        failure: Reason | None = None
-        if sdk_mode != "disabled" and route.reads_json and body:
-            try:
-                forward_body, decoded = self._decode_body(request, body, limits)
-            except Rejected as refused:
-                if sdk_mode == "required" or refused.reason.code is Code.PAYLOAD_TOO_LARGE:
-                    raise
-                failure = refused.reason
+        exchange.authenticating = True
+        checked = self._check(request, route, project, parts, target, body, limits, sdk_mode)
+        status, attempt, failure = checked.status, checked.attempt, checked.failure
 
-        if route.api_key:
-            check_api_key(project, parts)
-
-        attempt = Attempt()
-        status = AuthStatus.DISABLED
-        if sdk_mode != "disabled" and failure is None:
-            try:
-                if route.reads_json and forward_body:
-                    parts.body = parse_json_body(forward_body)
-                if route.reads_query:
-                    parts.query = parse_query(target.query)
-                status = authenticate(route, project, parts, limits.max_token_bytes, attempt)
-            except Rejected as refused:
-                failure = refused.reason
-
-        client = self._client(request, config)
-        exchange.client = client
+        exchange.client = self._client(request, config)
         if failure is not None:
-            refusal = await self._refuse_token_failure(config, project, exchange, attempt, failure)
+            exchange.reason = failure
+            limited = await self._count_failure(config, bound, project, exchange, attempt, failure)
             if sdk_mode == "required":
                 exchange.decision = "rejected"
-                return refusal
+                if limited is not None:
+                    bound.session_limited[project.label].inc()
+                    return self._refuse(exchange, failure, limited=True, retry_after=limited)
+                return self._refuse(exchange, failure)
             status = AuthStatus.UNVERIFIED
             exchange.decision = "would_reject"
         else:
             exchange.decision = status.value
-            if status is AuthStatus.VERIFIED:
+            if attempt.verified is not None:
+                bound.key_uses[project.label, attempt.verified.kid].inc()
                 self.counter.reset(self._session_key(project, exchange, attempt))
 
         return await self._forward(
-            request, config, target, exchange, status, attempt, forward_body, decoded
+            request, config, bound, target, exchange, status, attempt, checked.body, checked.decoded
         )
+
+    def _check(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        project: Project,
+        parts: RequestParts,
+        target: Target,
+        body: bytes,
+        limits: LimitsSettings,
+        sdk_mode: str,
+    ) -> Checked:
+        """Encoding, api_key, then sdk_jwt in the contract's order. Raises what every mode
+        refuses; returns an sdk_jwt failure for the caller to count, refuse or forward."""
+        checked = Checked(body)
+        if sdk_mode != "disabled" and route.reads_json and body:
+            try:
+                checked.body, checked.decoded = self._decode_body(request, body, limits)
+            except Rejected as refused:
+                if sdk_mode == "required" or refused.reason.code is Code.PAYLOAD_TOO_LARGE:
+                    raise
+                checked.failure = refused.reason
+        if route.api_key:
+            check_api_key(project, parts)
+        if sdk_mode == "disabled" or checked.failure is not None:
+            return checked
+        try:
+            if route.reads_json and checked.body:
+                parts.body = parse_json_body(checked.body)
+            if route.reads_query:
+                parts.query = parse_query(target.query)
+            checked.status = authenticate(
+                route, project, parts, limits.max_token_bytes, checked.attempt
+            )
+        except Rejected as refused:
+            checked.failure = refused.reason
+        return checked
 
     async def _forward(
         self,
         request: web.BaseRequest,
         config: CompiledConfig,
+        bound: BoundMetrics,
         target: Target,
         exchange: Exchange,
         status: AuthStatus,
@@ -194,13 +274,17 @@ class Gateway:
             else route.token_header_drop,
             token_scheme_drop=route.token_scheme_drop,
         )
-        answer = await self.upstream.send(
-            request.method,
-            target.path,
-            strip_query(target.query, route.token_query_drop),
-            forward_headers(request.raw_headers, forwarding),
-            body,
-        )
+        sent = time.perf_counter()
+        try:
+            answer = await self.upstream.send(
+                request.method,
+                target.path,
+                strip_query(target.query, route.token_query_drop),
+                forward_headers(request.raw_headers, forwarding),
+                body,
+            )
+        finally:
+            bound.upstream_duration[route.name].observe(time.perf_counter() - sent)
         exchange.upstream_status = answer.status
         headers = answer.headers
         headers["X-Request-Id"] = exchange.request_id
@@ -316,22 +400,25 @@ class Gateway:
             return session_key(project.label, project_id, "user", identity_key(attempt.identity))
         return session_key(project.label, project_id, "client", exchange.client or "")
 
-    async def _refuse_token_failure(
+    async def _count_failure(
         self,
         config: CompiledConfig,
+        bound: BoundMetrics,
         project: Project,
         exchange: Exchange,
         attempt: Attempt,
         failure: Reason,
-    ) -> web.Response:
-        """Count a failure against its session; the answer `required` gives, 429 past the
-        threshold (`monitor` only counts and forwards)."""
-        count = None
-        if failure.code.counts_for_session:
-            count = await self.counter.record_failure(self._session_key(project, exchange, attempt))
-        if count is not None and count.count > config.settings.failure_counter.threshold:
-            return self._refuse(exchange, failure, limited=True, retry_after=count.retry_after)
-        return self._refuse(exchange, failure)
+    ) -> int | None:
+        """Count a token failure against its session; the `Retry-After` of the 429 that
+        `required` answers once the session is past its threshold, else None."""
+        if not failure.code.counts_for_session:
+            return None
+        started = time.perf_counter()
+        count = await self.counter.record_failure(self._session_key(project, exchange, attempt))
+        bound.counter_duration.observe(time.perf_counter() - started)
+        if count is None or count.count <= config.settings.failure_counter.threshold:
+            return None
+        return count.retry_after
 
     # --- answers -------------------------------------------------------------------------------
 

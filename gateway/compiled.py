@@ -159,6 +159,7 @@ class CompiledConfig:
     warnings: tuple[Problem, ...]
     digest: str
     key_fingerprints: dict[str, tuple[tuple[str, str], ...]]  # project → ((kid, fingerprint),)
+    token_cache: TokenCache
 
     def project(self, project_id: str) -> Project:
         return self.projects.get(project_id.lower(), self.other_projects)
@@ -269,7 +270,16 @@ def _compile_project(
         leeway=settings.leeway_seconds,
         max_lifetime=settings.max_token_lifetime_seconds,
     )
-    verifier = TokenVerifier(KeySet(keys), policy, cache, clock) if keys else None
+    generation = hashlib.sha256(
+        repr(
+            (
+                project_id,
+                [(k.kid, k.material, sorted(k.algorithms)) for k in keys],
+                settings.model_dump(exclude={"mode", "api_keys", "keys", "expiry_warning_seconds"}),
+            )
+        ).encode()
+    ).digest()
+    verifier = TokenVerifier(KeySet(keys), policy, generation, cache, clock) if keys else None
     return Project(
         id=project_id,
         label=label,
@@ -522,11 +532,16 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
     return warnings
 
 
-def compile_config(loaded: LoadedConfig, clock: Clock) -> CompiledConfig:
+def compile_config(
+    loaded: LoadedConfig, clock: Clock, cache: TokenCache | None = None
+) -> CompiledConfig:
     """Check and compile everything, or raise `ConfigError` with every problem found."""
     settings = loaded.settings
     problems: list[Problem] = []
-    cache = TokenCache(settings.verified_token_cache.max_entries)
+    # A running gateway passes its cache in, so a reload keeps the tokens of unchanged
+    # verifiers (the cache is keyed by verifier generation; changed ones start afresh).
+    if cache is None or cache.max_entries != settings.verified_token_cache.max_entries:
+        cache = TokenCache(settings.verified_token_cache.max_entries)
 
     folded = Counter(p.lower() for p in settings.projects)
     problems.extend(
@@ -592,4 +607,5 @@ def compile_config(loaded: LoadedConfig, clock: Clock) -> CompiledConfig:
             else ()
             for p, proj in projects.items()
         },
+        token_cache=cache,
     )

@@ -98,6 +98,10 @@ class Router(Generic[RouteT]):
     def __init__(self, entries: list[RouteEntry[RouteT]]) -> None:
         self._entries = tuple(entries)
 
+    @property
+    def entries(self) -> tuple[RouteEntry[RouteT], ...]:
+        return self._entries
+
     def match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
         allowed: set[str] = set()
         for entry in self._entries:

@@ -21,9 +21,11 @@ from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
 from gateway.logs import AccessLog
+from gateway.metrics import Metrics
 from gateway.proxy import Upstream
 from gateway.server_protocol import ContractServer
 from gateway.tasks import spawn
+from gateway.verify import TokenCache
 
 log = logging.getLogger("gateway")
 
@@ -31,8 +33,8 @@ log = logging.getLogger("gateway")
 RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter", "upstream")
 
 
-def load_config(path: Path, clock: Clock) -> CompiledConfig:
-    return compile_config(load_settings(path), clock)
+def load_config(path: Path, clock: Clock, cache: TokenCache | None = None) -> CompiledConfig:
+    return compile_config(load_settings(path), clock, cache)
 
 
 def bind(address: str, *, reuse_port: bool) -> socket.socket:
@@ -49,7 +51,7 @@ def bind(address: str, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def make_counter(config: CompiledConfig, clock: Clock) -> FailureCounter:
+def make_counter(config: CompiledConfig, clock: Clock, metrics: Metrics) -> FailureCounter:
     settings = config.settings.failure_counter
     if settings.backend == "redis":
         return RedisFailureCounter(
@@ -57,6 +59,7 @@ def make_counter(config: CompiledConfig, clock: Clock) -> FailureCounter:
             cluster=settings.redis_cluster,
             timeout_ms=settings.redis_timeout_ms,
             ttl_seconds=settings.session_ttl_seconds,
+            on_error=metrics.counter_errors.labels("redis").inc,
         )
     return MemoryFailureCounter(
         ttl_seconds=settings.session_ttl_seconds, max_sessions=settings.max_sessions, clock=clock
@@ -83,16 +86,18 @@ class GatewayServer:
         admin_socket: socket.socket | None = None,
     ) -> None:
         self.clock = clock or SystemClock()
+        self.metrics = Metrics()
+        config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         enabled = config.settings.access_log.enabled
         self.gateway = Gateway(
             config,
             clock=self.clock,
-            counter=make_counter(config, self.clock),
+            counter=make_counter(config, self.clock, self.metrics),
             upstream=Upstream(config.settings.upstream),
             access_log=access_log or AccessLog(enabled=enabled),
+            metrics=self.metrics,
         )
         self.draining = False
-        self.reload_failures = 0
         self._public_socket = public_socket
         self._admin_socket = admin_socket
         self._public: web.ServerRunner | None = None
@@ -156,7 +161,7 @@ class GatewayServer:
         any problem."""
         current = self.config
         try:
-            candidate = load_config(current.source, self.clock)
+            candidate = load_config(current.source, self.clock, current.token_cache)
             problems = [
                 Problem(name, "changes only on restart")
                 for name in RESTART_ONLY
@@ -165,11 +170,14 @@ class GatewayServer:
         except ConfigError as exc:
             problems = exc.problems
         if problems:
-            self.reload_failures += 1
+            self.metrics.config_reloads.labels("failure").inc()
             for problem in problems:
                 log.error("reload refused", extra={"fields": {"problem": str(problem)}})
             return ReloadResult(False, current.digest, tuple(problems))
-        self.gateway.config = candidate
+        if candidate.token_cache is not current.token_cache:  # its size changed
+            candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
+        self.gateway.apply(candidate)
+        self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
         return ReloadResult(True, candidate.digest, ())
 

@@ -53,7 +53,9 @@ class _ContractRequestHandler(RequestHandler):
 
 class ContractServer(web.Server):
     def __init__(self, handler: Any, **kwargs: Any) -> None:
-        super().__init__(handler, access_log=None, **kwargs)
+        # The body is read raw: the gateway decides which encodings it accepts, decodes once
+        # and forwards what it decoded (aiohttp would otherwise decode first, silently).
+        super().__init__(handler, access_log=None, auto_decompress=False, **kwargs)
 
     def __call__(self) -> RequestHandler:
         return _ContractRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import itertools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,19 +70,27 @@ class TokenCache:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: dict[tuple[int, bytes], VerifiedToken] = {}
+        self._entries: dict[tuple[bytes, bytes], VerifiedToken] = {}
+        self._on_hit: Callable[[], None] = lambda: None
+        self._on_miss: Callable[[], None] = lambda: None
 
-    def get(self, key: tuple[int, bytes]) -> VerifiedToken | None:
-        return self._entries.get(key)
+    def observe(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
+        """Report each lookup (the metrics hook)."""
+        self._on_hit, self._on_miss = on_hit, on_miss
 
-    def put(self, key: tuple[int, bytes], token: VerifiedToken) -> None:
+    def get(self, key: tuple[bytes, bytes]) -> VerifiedToken | None:
+        found = self._entries.get(key)
+        (self._on_miss if found is None else self._on_hit)()
+        return found
+
+    def put(self, key: tuple[bytes, bytes], token: VerifiedToken) -> None:
         if self.max_entries == 0:
             return
         if len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
         self._entries[key] = token
 
-    def discard(self, key: tuple[int, bytes]) -> None:
+    def discard(self, key: tuple[bytes, bytes]) -> None:
         self._entries.pop(key, None)
 
     def __len__(self) -> int:
@@ -91,8 +98,6 @@ class TokenCache:
 
 
 SubjectReader = Callable[[Mapping[str, Any]], str | Mapping[str, str]]
-
-_generations = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +113,15 @@ class Policy:
 
 
 class TokenVerifier:
-    def __init__(self, keys: KeySet, policy: Policy, cache: TokenCache, clock: Clock) -> None:
+    """`generation` identifies the project, its keys and its policy: equal generations verify
+    alike, so a reload that changes nothing about a project keeps its cached tokens."""
+
+    def __init__(
+        self, keys: KeySet, policy: Policy, generation: bytes, cache: TokenCache, clock: Clock
+    ) -> None:
         self.keys = keys
         self.policy = policy
-        self.generation = next(_generations)
+        self.generation = generation
         self._cache = cache
         self._clock = clock
 

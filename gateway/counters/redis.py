@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from redis import asyncio as redis_asyncio
@@ -59,6 +60,7 @@ class RedisFailureCounter:
         timeout_ms: int,
         ttl_seconds: int,
         max_connections: int = 64,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
         self._timeout = timeout_ms / 1000
         self._window_ms = ttl_seconds * 1000
@@ -79,7 +81,8 @@ class RedisFailureCounter:
         self._pending_resets: OrderedDict[str, None] = OrderedDict()
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self.errors = 0  # calls that failed or outran the budget; exported as a metric
+        self.errors = 0  # calls that failed or outran the budget
+        self._on_error = on_error
 
     async def record_failure(self, key: SessionKey) -> FailureCount | None:
         name = redis_key(key)
@@ -138,6 +141,7 @@ class RedisFailureCounter:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        self._on_error()
         log.debug("failure counter call failed", extra={"fields": {"error": type(exc).__name__}})
 
     async def close(self) -> None:
