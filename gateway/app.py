@@ -17,8 +17,9 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from aiohttp import ClientResponse, web
+from aiohttp import ClientError, ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from gateway.body import check_media_type, content_coding, decompress, parse_json_body
@@ -297,7 +298,9 @@ class Gateway:
                 headers["X-Auth-Token-Expires-In"] = str(max(0, math.floor(expires_in)))
         if answer.rest is None:
             return web.Response(status=answer.status, headers=headers, body=answer.body)
-        return await self._stream(request, answer.status, headers, answer.body, answer.rest)
+        return await self._stream(
+            request, exchange, answer.status, headers, answer.body, answer.rest
+        )
 
     # --- stages that need the aiohttp request --------------------------------------------------
 
@@ -366,7 +369,8 @@ class Gateway:
                         raise Rejected(Reason.BODY_TOO_LARGE)
         except TimeoutError:
             raise Rejected(Reason.BODY_TIMEOUT) from None
-        except HttpProcessingError:
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError):
+            # A malformed chunked body, or a client gone mid-body: its fault, not ours.
             raise Rejected(Reason.HTTP_MALFORMED) from None
         return bytes(received)
 
@@ -460,11 +464,14 @@ class Gateway:
     @staticmethod
     async def _stream(
         request: web.BaseRequest,
+        exchange: Exchange,
         status: int,
         headers: CIMultiDict[str],
         head: bytes,
         rest: ClientResponse,
     ) -> web.StreamResponse:
+        """An answer past the buffer, relayed as it comes. If the upstream breaks now, the
+        client's connection is cut, so a truncated body can never look complete."""
         response = web.StreamResponse(status=status, headers=headers)
         try:
             await response.prepare(request)
@@ -472,6 +479,10 @@ class Gateway:
             async for chunk in rest.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
+        except (ClientError, TimeoutError):
+            exchange.reason = Reason.UPSTREAM_BROKEN
+            if request.transport is not None:
+                request.transport.abort()
         finally:
             rest.release()
         return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from gateway.clock import SystemClock
 from gateway.compiled import CompiledConfig
 from gateway.config import ConfigError
+from gateway.subject import Identity
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -164,6 +166,56 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token_inspect(args: argparse.Namespace) -> int:
+    from gateway.config import load_settings
+    from gateway.inspect import decode_unverified, verdict
+    from gateway.logs import utc_timestamp
+
+    # `-` reads the token from stdin, which keeps it out of shell history.
+    token = sys.stdin.read().strip() if args.token in {"-"} else args.token.strip()
+    decoded = decode_unverified(token)
+    if decoded.problem:
+        print(f"token: {decoded.problem}")
+    else:
+        print("header: " + json.dumps(decoded.header, indent=2, sort_keys=True))
+        print("claims: " + json.dumps(decoded.claims, indent=2, sort_keys=True))
+    at = args.at if args.at is not None else time.time()
+    exp = decoded.claims.get("exp") if isinstance(decoded.claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        print(f"expires: {utc_timestamp(exp)} ({int(exp - at)} s from {utc_timestamp(at)})")
+    if not (args.config or os.environ.get("GATEWAY_CONFIG")):
+        return 0
+    if not args.project:
+        print("gateway token inspect: --project is needed with a config", file=sys.stderr)
+        return 2
+    path = _config_path(args)
+    try:
+        loaded = load_settings(path)
+        identity = _identity_argument(args.user)
+        result = verdict(loaded, args.project, token, identity, at)
+    except ConfigError as exc:
+        _print_problems(path, exc)
+        return 1
+    if result.code == "VERIFIED":
+        print(f"verdict: VERIFIED user={json.dumps(result.user)} key={result.kid}")
+        return 0
+    print(f"verdict: {result.code} (reason: {result.reason})")
+    return 3
+
+
+def _identity_argument(user: str | None) -> Identity | None:
+    """`--user alice`, or a JSON map of ids for id_map subjects: `--user '{"registered": "a"}'`."""
+    if user is None or not user.startswith("{"):
+        return user
+    try:
+        ids = json.loads(user)
+    except ValueError:
+        return user
+    if isinstance(ids, dict) and all(isinstance(v, str) for v in ids.values()):
+        return {str(k): v for k, v in ids.items()}
+    return user
+
+
 def cmd_sample_upstream(args: argparse.Namespace) -> int:
     from gateway.sample_upstream import run_sample_upstream
 
@@ -203,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--aud")
     mint.add_argument("--iss")
     mint.set_defaults(func=cmd_token_mint)
+    inspect = token_commands.add_parser(
+        "inspect", help="print a token's header and claims, and the gateway's verdict"
+    )
+    inspect.add_argument("token", help="the token, or - to read it from stdin")
+    inspect.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")
+    inspect.add_argument("--project", help="the project the token is for")
+    inspect.add_argument("--user", help="the user the request names (JSON map for id_map)")
+    inspect.add_argument("--at", type=float, help="judge as of this epoch time (default now)")
+    inspect.set_defaults(func=cmd_token_inspect)
 
     sample = commands.add_parser("sample-upstream", help="run the bundled sample tracking API")
     sample.add_argument("--listen", default="127.0.0.1:8000")

@@ -203,6 +203,16 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
+    async def _read_head(self, response: aiohttp.ClientResponse) -> bytes:
+        """Up to BUFFER_BYTES of the answer, or all of it: a break inside this is a 502."""
+        head = bytearray()
+        while len(head) < self.BUFFER_BYTES:
+            chunk = await response.content.read(self.BUFFER_BYTES - len(head))
+            if not chunk:
+                break
+            head += chunk
+        return bytes(head)
+
     async def send(
         self, method: str, path: str, query: str | None, headers: CIMultiDict[str], body: bytes
     ) -> UpstreamAnswer:
@@ -215,7 +225,7 @@ class Upstream:
             response = await self._session.request(
                 method, url, headers=headers, data=body or None, allow_redirects=False
             )
-            head = await response.content.read(self.BUFFER_BYTES)
+            head = await self._read_head(response)
         except aiohttp.ClientConnectorError:
             raise Rejected(Reason.UPSTREAM_CONNECT) from None
         except aiohttp.ConnectionTimeoutError:
