@@ -32,7 +32,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    result = request.app[SERVER_KEY].reload()
+    result = await request.app[SERVER_KEY].reload()
     if result.ok:
         return web.json_response({"status": "reloaded", "config_digest": result.digest})
     return web.json_response(

@@ -16,7 +16,7 @@ from gateway.admin import make_admin_app
 from gateway.app import Gateway
 from gateway.clock import Clock, SystemClock
 from gateway.compiled import CompiledConfig, compile_config
-from gateway.config import ConfigError, Problem, load_settings
+from gateway.config import ConfigError, Problem, Settings, load_settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
@@ -30,7 +30,14 @@ from gateway.verify import TokenCache
 log = logging.getLogger("gateway")
 
 # Changing these needs a restart: they own sockets, processes or the counter's state.
-RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter", "upstream")
+RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter.backend")
+
+
+def _setting(settings: Settings, dotted: str) -> object:
+    value: object = settings
+    for name in dotted.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def load_config(path: Path, clock: Clock, cache: TokenCache | None = None) -> CompiledConfig:
@@ -98,6 +105,7 @@ class GatewayServer:
             metrics=self.metrics,
         )
         self.draining = False
+        self._retired: list[Upstream | FailureCounter] = []  # replaced by a reload, closing soon
         self._public_socket = public_socket
         self._admin_socket = admin_socket
         self._public: web.ServerRunner | None = None
@@ -156,16 +164,16 @@ class GatewayServer:
             },
         )
 
-    def reload(self) -> ReloadResult:
+    async def reload(self) -> ReloadResult:
         """Load, validate and swap in the config file again; the running one keeps serving on
-        any problem."""
+        any problem. Requests under way finish on the config they started with."""
         current = self.config
         try:
             candidate = load_config(current.source, self.clock, current.token_cache)
             problems = [
                 Problem(name, "changes only on restart")
                 for name in RESTART_ONLY
-                if getattr(candidate.settings, name) != getattr(current.settings, name)
+                if _setting(candidate.settings, name) != _setting(current.settings, name)
             ]
         except ConfigError as exc:
             problems = exc.problems
@@ -176,10 +184,38 @@ class GatewayServer:
             return ReloadResult(False, current.digest, tuple(problems))
         if candidate.token_cache is not current.token_cache:  # its size changed
             candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
+        await self._swap_clients(current.settings, candidate)
         self.gateway.apply(candidate)
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
         return ReloadResult(True, candidate.digest, ())
+
+    async def _swap_clients(self, old: Settings, candidate: CompiledConfig) -> None:
+        """A new upstream pool or failure counter when their settings changed; the old ones
+        close once the requests that hold them can have finished."""
+        new = candidate.settings
+        retired: list[Upstream | FailureCounter] = []
+        if new.upstream != old.upstream:
+            upstream = Upstream(new.upstream)
+            await upstream.start()
+            retired.append(self.gateway.upstream)
+            self.gateway.upstream = upstream
+        counter_settings = new.failure_counter.model_copy(update={"threshold": 0})
+        if counter_settings != old.failure_counter.model_copy(update={"threshold": 0}):
+            retired.append(self.gateway.counter)
+            self.gateway.counter = make_counter(candidate, self.clock, self.metrics)
+        if retired:
+            self._retired.extend(retired)
+            spawn(self._close_retired(retired, delay=old.upstream.timeout_seconds + 1))
+
+    async def _close_retired(
+        self, clients: list[Upstream | FailureCounter], *, delay: float = 0
+    ) -> None:
+        await asyncio.sleep(delay)
+        for client in clients:
+            if client in self._retired:
+                self._retired.remove(client)
+                await client.close()
 
     async def drain_and_stop(self) -> None:
         """SIGTERM: unready, keep serving for the drain delay, close the listener, let in-flight
@@ -203,6 +239,7 @@ class GatewayServer:
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
+        await self._close_retired(list(self._retired))
         await self.gateway.upstream.close()
         await self.gateway.counter.close()
         await self.gateway.access_log.close()
@@ -215,7 +252,7 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, lambda: spawn(self.drain_and_stop()))
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(self.reload()))
 
 
 async def serve(path: Path) -> None:

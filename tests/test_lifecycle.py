@@ -1,0 +1,308 @@
+"""Hot reload and graceful drain, in-process and against the real `gateway run` process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from tests.conftest import (
+    GatewayFactory,
+    KeyPair,
+    RunningGateway,
+    Tokens,
+    Upstream,
+    base_config,
+    free_port,
+    write_config,
+)
+
+EVENTS = "/track/v2/projects/app/customers/events"
+IDENTIFIED = {"customer_ids": {"registered": "alice"}}
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    url: str,
+    headers: dict[str, str] | None = None,
+    body: dict[str, Any] = IDENTIFIED,
+) -> tuple[int, dict[str, Any]]:
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    async with http.post(url + EVENTS, data=json.dumps(body), headers=all_headers) as r:
+        return r.status, await r.json()
+
+
+def edit_config(gateway: RunningGateway, change: Callable[[dict[str, Any]], None]) -> None:
+    path = gateway.server.config.source
+    config = yaml.safe_load(path.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+async def reload(http: aiohttp.ClientSession, gateway: RunningGateway) -> tuple[int, Any]:
+    async with http.post(gateway.admin_url + "/-/reload") as response:
+        return response.status, await response.json()
+
+
+async def test_removing_a_key_fails_its_cached_tokens_at_once(
+    http: aiohttp.ClientSession, gateway: RunningGateway, tokens: Tokens
+) -> None:
+    token = tokens.good()
+    assert (await post(http, gateway.url, {"X-Sdk-Auth-Token": token}))[0] == 200
+    assert (await post(http, gateway.url, {"X-Sdk-Auth-Token": token}))[0] == 200  # cached
+
+    def rotate(config: dict[str, Any]) -> None:
+        config["projects"]["app"]["keys"] = [{"id": "key-b", "pem_file": "keys/b.pem"}]
+
+    edit_config(gateway, rotate)
+    status, body = await reload(http, gateway)
+    assert status == 200
+    assert body["config_digest"] == gateway.server.config.digest
+    status, answer = await post(http, gateway.url, {"X-Sdk-Auth-Token": token})
+    assert (status, answer["error"]["reason"]) == (401, "kid_unknown")
+
+
+async def test_unchanged_project_keeps_its_cached_tokens_across_a_reload(
+    http: aiohttp.ClientSession, gateway: RunningGateway, tokens: Tokens
+) -> None:
+    token = tokens.good()
+    assert (await post(http, gateway.url, {"X-Sdk-Auth-Token": token}))[0] == 200
+    edit_config(gateway, lambda c: c["projects"].update(other={"mode": "disabled"}))
+    assert (await reload(http, gateway))[0] == 200
+    misses = gateway.server.metrics.cache_miss
+    before = misses._value.get()
+    assert (await post(http, gateway.url, {"X-Sdk-Auth-Token": token}))[0] == 200
+    assert misses._value.get() == before
+
+
+async def test_invalid_or_restart_only_reload_is_refused(
+    http: aiohttp.ClientSession, gateway: RunningGateway, tokens: Tokens
+) -> None:
+    digest = gateway.server.config.digest
+    edit_config(gateway, lambda c: c["projects"]["app"].update(mode="strict"))
+    status, body = await reload(http, gateway)
+    assert status == 422
+    assert any(p.startswith("projects.app.mode:") for p in body["problems"])
+    edit_config(gateway, lambda c: c["projects"]["app"].update(mode="required"))
+    edit_config(gateway, lambda c: c.update(listen="127.0.0.1:1"))
+    status, body = await reload(http, gateway)
+    assert status == 422
+    assert body["problems"][0] == "listen: changes only on restart"
+    assert gateway.server.config.digest == digest
+    assert (await post(http, gateway.url, {"X-Sdk-Auth-Token": tokens.good()}))[0] == 200
+
+
+async def test_reload_switches_upstream(
+    http: aiohttp.ClientSession, gateway: RunningGateway, upstream: Upstream
+) -> None:
+    second = web.Application()
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"second": True})
+
+    second.router.add_route("*", "/{tail:.*}", record)
+    runner = web.AppRunner(second)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        edit_config(gateway, lambda c: c["upstream"].update(url=f"http://127.0.0.1:{port}"))
+        assert (await reload(http, gateway))[0] == 200
+        async with http.post(gateway.url + EVENTS, data=b"{}") as response:
+            assert await response.json() == {"second": True}
+        assert seen == [EVENTS]
+    finally:
+        await runner.cleanup()
+
+
+async def test_monitor_to_required_rollout_by_reload(
+    http: aiohttp.ClientSession, make_gateway: GatewayFactory, tokens: Tokens
+) -> None:
+    gateway = await make_gateway(lambda c: c["projects"]["app"].update(mode="monitor"))
+    assert (await post(http, gateway.url))[0] == 200
+    edit_config(gateway, lambda c: c["projects"]["app"].update(mode="required"))
+    assert (await reload(http, gateway))[0] == 200
+    assert (await post(http, gateway.url))[0] == 401
+    edit_config(gateway, lambda c: c["projects"]["app"].update(mode="monitor"))  # roll back
+    assert (await reload(http, gateway))[0] == 200
+    assert (await post(http, gateway.url))[0] == 200
+
+
+# --- the real process --------------------------------------------------------------------------
+
+
+@dataclass
+class SlowUpstream:
+    """Answers after `release` is set, so a request can be held in flight."""
+
+    url: str
+    release: asyncio.Event
+    arrived: asyncio.Event
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[SlowUpstream]:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if request.headers.get("X-Hold") == "1":
+            arrived.set()
+            await release.wait()
+        return web.json_response({"success": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield SlowUpstream(f"http://127.0.0.1:{runner.addresses[0][1]}", release, arrived)
+    release.set()
+    await runner.cleanup()
+
+
+@dataclass
+class GatewayProcess:
+    process: asyncio.subprocess.Process
+    url: str
+    admin: str
+    config: Path
+
+
+StartProcess = Callable[..., Awaitable[GatewayProcess]]
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if await check():
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def start_process(
+    tmp_path: Path, key_a: KeyPair, key_b: KeyPair, http: aiohttp.ClientSession
+) -> AsyncIterator[StartProcess]:
+    started: list[asyncio.subprocess.Process] = []
+
+    async def start(upstream_url: str, **overrides: Any) -> GatewayProcess:
+        config = base_config(upstream_url)
+        config.update(
+            listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}", **overrides
+        )
+        path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "-c",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        started.append(process)
+        running = GatewayProcess(
+            process, f"http://{config['listen']}", f"http://{config['admin_listen']}", path
+        )
+
+        async def ready() -> bool:
+            async with http.get(running.admin + "/readyz") as response:
+                return response.status == 200
+
+        await wait_for(ready, "readiness")
+        return running
+
+    yield start
+    for process in started:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_and_finishes_requests_in_flight(
+    http: aiohttp.ClientSession, slow_upstream: SlowUpstream, start_process: StartProcess
+) -> None:
+    gateway = await start_process(
+        slow_upstream.url, shutdown={"drain_delay_seconds": 1.0, "grace_seconds": 10}
+    )
+    anonymous_body = {"customer_ids": {"cookie": "c-1"}}
+    held = asyncio.ensure_future(post(http, gateway.url, {"X-Hold": "1"}, anonymous_body))
+    async with asyncio.timeout(10):
+        await slow_upstream.arrived.wait()
+    gateway.process.send_signal(signal.SIGTERM)
+
+    async def unready() -> bool:
+        async with http.get(gateway.admin + "/readyz") as response:
+            return response.status == 503
+
+    await wait_for(unready, "readyz to turn 503")
+    # Still served during the drain delay, for load balancers that have not noticed yet.
+    anonymous = {"Content-Type": "application/json"}
+    async with http.post(gateway.url + EVENTS, data=b"{}", headers=anonymous) as response:
+        assert response.status == 200
+    slow_upstream.release.set()
+    status, _ = await held
+    assert status == 200
+    async with asyncio.timeout(20):
+        assert await gateway.process.wait() == 0
+
+
+async def test_reload_under_load_fails_no_request(
+    http: aiohttp.ClientSession, upstream: Upstream, start_process: StartProcess, tokens: Tokens
+) -> None:
+    gateway = await start_process(upstream.url)
+    tokens.clock.set(time.time())
+    token = tokens.good()
+    failures: list[int] = []
+    done = asyncio.Event()
+
+    async def client() -> int:
+        sent = 0
+        while not done.is_set():
+            status, _ = await post(http, gateway.url, {"X-Sdk-Auth-Token": token})
+            if status != 200:
+                failures.append(status)
+            sent += 1
+        return sent
+
+    clients = [asyncio.ensure_future(client()) for _ in range(8)]
+    try:
+        for round_number in range(6):
+            config = yaml.safe_load(gateway.config.read_text())
+            config["projects"]["app"]["expiry_warning_seconds"] = 100 + round_number
+            gateway.config.write_text(yaml.safe_dump(config))
+            if round_number % 2:
+                gateway.process.send_signal(signal.SIGHUP)
+            else:
+                async with http.post(gateway.admin + "/-/reload") as response:
+                    assert response.status == 200
+            await asyncio.sleep(0.1)  # let traffic flow between reloads (pacing, not sync)
+    finally:
+        done.set()
+        sent = sum(await asyncio.gather(*clients))
+    assert failures == []
+    assert sent > 50
+    gateway.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        assert await gateway.process.wait() == 0
