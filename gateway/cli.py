@@ -216,6 +216,15 @@ def _identity_argument(user: str | None) -> Identity | None:
     return user
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+    from gateway.logs import configure_logging
+
+    configure_logging("WARNING")
+    asyncio.run(run_demo(args.listen, args.admin_listen, args.upstream_port))
+    return 0
+
+
 def cmd_sample_upstream(args: argparse.Namespace) -> int:
     from gateway.sample_upstream import run_sample_upstream
 
@@ -264,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--user", help="the user the request names (JSON map for id_map)")
     inspect.add_argument("--at", type=float, help="judge as of this epoch time (default now)")
     inspect.set_defaults(func=cmd_token_inspect)
+
+    demo = commands.add_parser(
+        "demo", help="sample tracking API + gateway on generated keys, with curl commands"
+    )
+    demo.add_argument("--listen", default="127.0.0.1:8080")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9090")
+    demo.add_argument("--upstream-port", type=int, default=8000)
+    demo.set_defaults(func=cmd_demo)
 
     sample = commands.add_parser("sample-upstream", help="run the bundled sample tracking API")
     sample.add_argument("--listen", default="127.0.0.1:8000")

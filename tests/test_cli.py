@@ -591,3 +591,67 @@ def test_sighup_and_reload_keep_the_running_config_when_the_new_one_is_invalid(
     assert served.last_forwarded_headers()["x-auth-status"] == "unverified"
 
     assert stop_with_sigterm(served) == 0
+
+
+def test_token_inspect_gives_the_gateways_verdict(
+    tmp_path: Path, workdir: Path, key_a: KeyPair, key_b: KeyPair
+) -> None:
+    config = base_config("http://127.0.0.1:9")
+    config["projects"]["app"]["keys"] = [{"id": "k1", "pem_file": "keys/a.pem"}]
+    path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+    key_file = write_private_key(workdir, key_a)
+    mint = ("token", "mint", "--private-key", str(key_file), "--user", "alice", "--kid", "k1")
+    minted = run_cli(*mint, cwd=workdir)
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    inspect = ("token", "inspect", "-c", str(path), "--project", "app")
+    from_stdin = subprocess.run(
+        gateway_argv(*inspect, "--user", "alice", "-"),
+        input=token,
+        cwd=workdir,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_SECONDS,
+        check=False,
+    )
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert '"kid": "k1"' in from_stdin.stdout
+    assert 'verdict: VERIFIED user="alice" key=k1' in from_stdin.stdout
+    later = str(time.time() + 7200)
+    expired = run_cli(*inspect, "--at", later, token, cwd=workdir)
+    assert expired.returncode == 3
+    assert "verdict: TOKEN_EXPIRED (reason: expired)" in expired.stdout
+    other = run_cli(*inspect, "--user", "bob", token, cwd=workdir)
+    assert "verdict: TOKEN_REJECTED (reason: subject_mismatch)" in other.stdout
+    garbage = run_cli("token", "inspect", "not-a-token", cwd=workdir)
+    assert garbage.returncode == 0
+    assert "3 dot-separated parts" in garbage.stdout
+
+
+def test_demo_serves_what_it_prints(workdir: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    argv = gateway_argv(
+        "demo",
+        "--listen",
+        f"127.0.0.1:{ports[0]}",
+        "--admin-listen",
+        f"127.0.0.1:{ports[1]}",
+        "--upstream-port",
+        str(ports[2]),
+    )
+    with started(argv, workdir, "demo") as demo:
+        wait_for("the curl lines", lambda: "subject_mismatch" in demo.stdout(), demo)
+        lines = demo.stdout().splitlines()
+        verified = lines[lines.index("# alice with her token: verified") + 1]
+        token = verified.split("Authorization: Bearer ")[1].split("'")[0]
+        status, _ = request(
+            ports[0],
+            "POST",
+            "/track/v2/projects/demo/customers/events",
+            {"customer_ids": {"registered": "alice"}},
+            {"Authorization": f"Bearer {token}"},
+        )
+        assert status == 200
+        demo.popen.send_signal(signal.SIGTERM)
+        assert demo.popen.wait(timeout=DEADLINE_SECONDS) == 0
