@@ -21,6 +21,8 @@ async def readyz(request: web.Request) -> web.Response:
     server = request.app[SERVER_KEY]
     if server.draining:
         return web.json_response({"status": "draining"}, status=503)
+    if not server.ready:
+        return web.json_response({"status": "waiting for JWKS keys"}, status=503)
     return web.json_response({"status": "ready", "config_digest": server.config.digest})
 
 

@@ -30,6 +30,7 @@ from gateway.counters import FailureCounter, SessionKey, session_key
 from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
 from gateway.errors import ErrorFormat, render_error
 from gateway.extract import RequestParts, collect_headers, parse_query
+from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog, utc_timestamp
 from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
 from gateway.proxy import (
@@ -50,6 +51,7 @@ _UPSTREAM_ERROR_KINDS = {
     Reason.UPSTREAM_TIMEOUT: "timeout",
     Reason.UPSTREAM_BROKEN: "other",
 }
+JWKS_URL_KID = "_jwks_url"
 UPSTREAM_RETRY_AFTER_SECONDS = 1
 KEYS_RETRY_AFTER_SECONDS = 5
 
@@ -96,7 +98,9 @@ class Gateway:
         upstream: Upstream,
         access_log: AccessLog,
         metrics: Metrics,
+        jwks: JwksRefresher,
     ) -> None:
+        self.jwks = jwks
         self.clock = clock
         self.counter = counter
         self.upstream = upstream
@@ -111,12 +115,15 @@ class Gateway:
             [entry.route.name for entry in config.router.entries],
             {p.label: p.mode for p in (*config.projects.values(), config.other_projects)},
             {
-                p.label: [k.kid for k in p.verifier.keys.keys] if p.verifier else []
+                p.label: [k.kid for k in p.keys.static] + ([JWKS_URL_KID] if p.keys.jwks else [])
                 for p in (*config.projects.values(), config.other_projects)
             },
             self.counter.backend,
         )
         self.config = config
+        self.jwks.watch(
+            {p.label: p.keys for p in (*config.projects.values(), config.other_projects)}
+        )
 
     # --- the handler ---------------------------------------------------------------------------
 
@@ -185,6 +192,14 @@ class Gateway:
         exchange.mode = sdk_mode
         exchange.authenticating = True
         checked = self._check(request, route, project, parts, target, body, limits, sdk_mode)
+        if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
+            if await self.jwks.refetch(project.label, project.keys):
+                checked = self._check(
+                    request, route, project, parts, target, body, limits, sdk_mode
+                )
+            elif not project.keys.fetched_once:
+                # The kid may be in the key set we could never read: our fault, not the token's.
+                checked.failure = Reason.KEYS_UNAVAILABLE
         status, attempt, failure = checked.status, checked.attempt, checked.failure
 
         exchange.client = self._client(request, config)
@@ -202,7 +217,13 @@ class Gateway:
         else:
             exchange.decision = status.value
             if attempt.verified is not None:
-                bound.key_uses[project.label, attempt.verified.kid].inc()
+                kid = attempt.verified.kid
+                # Keys fetched from a JWKS URL share one label: their ids are not the config's.
+                key_use = (
+                    bound.key_uses.get((project.label, kid))
+                    or bound.key_uses[project.label, JWKS_URL_KID]
+                )
+                key_use.inc()
                 self.counter.reset(self._session_key(project, exchange, attempt))
 
         return await self._forward(

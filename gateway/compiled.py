@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.algorithms import ALGORITHMS, KeyType
+from gateway.algorithms import KeyType
 from gateway.clock import Clock
 from gateway.config import (
     ConfigError,
@@ -37,14 +37,14 @@ from gateway.extract import (
     normalise_header_name,
     parse_json_path,
 )
+from gateway.jwks import JwksUrl, ProjectKeys
 from gateway.keys import (
     KeyProblem,
-    KeySet,
     VerificationKey,
-    fingerprint,
-    material_digest,
+    parse_jwks,
     parse_public_pem,
     parse_secret,
+    verification_key,
 )
 from gateway.routes import (
     RouteEntry,
@@ -66,9 +66,14 @@ class Project:
     label: str  # the metrics label: the id, or `_other`
     mode: Mode
     subject: Subject
-    verifier: TokenVerifier | None
+    keys: ProjectKeys
     api_key_digests: tuple[bytes, ...]
     expiry_warning_seconds: int
+
+    @property
+    def verifier(self) -> TokenVerifier | None:
+        """The verifier for the keys as they stand now (a JWKS refresh replaces it)."""
+        return self.keys.verifier
 
     def api_key_matches(self, presented: str) -> bool:
         digest = hashlib.sha256(presented.encode()).digest()
@@ -186,7 +191,7 @@ def _compile_keys(
 ) -> tuple[VerificationKey, ...]:
     keys: list[VerificationKey] = []
     seen: dict[str, int] = {}
-    allowed = set(settings.algorithms)
+    allowed = frozenset(settings.algorithms)
     for index, key_settings in enumerate(settings.keys):
         key_path = f"{path}.keys[{index}]"
         if key_settings.id in seen:
@@ -209,34 +214,43 @@ def _compile_keys(
             else:
                 text = _read_pem(loaded, key_settings.pem, key_settings.pem_file)
                 key, key_type = parse_public_pem(text)
+            keys.append(verification_key(key_settings.id, key, key_type, allowed))
         except KeyProblem as exc:
             problems.append(Problem(f"{key_path}.{field_name}", str(exc)))
-            continue
-        of_its_type = sorted(n for n, a in ALGORITHMS.items() if a.key_type is key_type)
-        misfits = {a: ALGORITHMS[a].fits(key) for a in allowed if a in of_its_type}
-        usable = frozenset(a for a, why in misfits.items() if why is None)
-        if not usable:
-            why_not = "; ".join(sorted({why for why in misfits.values() if why}))
-            problems.append(
-                Problem(
-                    f"{key_path}.{field_name}",
-                    why_not
-                    or f"{key_type.value} key has no allowed algorithm: algorithms lists "
-                    f"{', '.join(sorted(allowed))}; add one of {', '.join(of_its_type)}",
-                )
-            )
-            continue
-        keys.append(
-            VerificationKey(
-                kid=key_settings.id,
-                key_type=key_type,
-                key=key,
-                fingerprint=fingerprint(key),
-                algorithms=usable,
-                material=material_digest(key),
-            )
-        )
+    if settings.jwks_file is not None:
+        keys.extend(_jwks_file_keys(loaded, settings, path, seen, allowed, problems))
     return tuple(keys)
+
+
+def _jwks_file_keys(
+    loaded: LoadedConfig,
+    settings: ProjectSettings,
+    path: str,
+    seen: dict[str, int],
+    allowed: frozenset[str],
+    problems: list[Problem],
+) -> list[VerificationKey]:
+    assert settings.jwks_file is not None
+    where = f"{path}.jwks_file"
+    try:
+        data = (loaded.base_dir / settings.jwks_file).read_bytes()
+    except FileNotFoundError:
+        problems.append(Problem(where, f"{settings.jwks_file}: no such file"))
+        return []
+    except OSError as exc:
+        problems.append(Problem(where, f"{settings.jwks_file}: cannot read ({exc.strerror})"))
+        return []
+    try:
+        keys = parse_jwks(data, allowed, allow_secrets=True)
+    except KeyProblem as exc:
+        problems.append(Problem(where, f"{settings.jwks_file}: {exc}"))
+        return []
+    problems.extend(
+        Problem(where, f"kid {k.kid!r} is already the id of keys[{seen[k.kid]}]")
+        for k in keys
+        if k.kid in seen
+    )
+    return [k for k in keys if k.kid not in seen]
 
 
 def _compile_project(
@@ -251,9 +265,14 @@ def _compile_project(
     problems: list[Problem],
 ) -> Project:
     keys = _compile_keys(loaded, settings, path, problems)
-    if settings.mode != "disabled" and not settings.keys:
+    if settings.mode != "disabled" and not (
+        settings.keys or settings.jwks_file or settings.jwks_url
+    ):
         problems.append(
-            Problem(f"{path}.keys", f"mode {settings.mode} needs at least one key source")
+            Problem(
+                f"{path}.keys",
+                f"mode {settings.mode} needs at least one key source (keys, jwks_file, jwks_url)",
+            )
         )
     subject_settings = settings.subject
     subject: Subject
@@ -270,22 +289,28 @@ def _compile_project(
         leeway=settings.leeway_seconds,
         max_lifetime=settings.max_token_lifetime_seconds,
     )
-    generation = hashlib.sha256(
-        repr(
-            (
-                project_id,
-                [(k.kid, k.material, sorted(k.algorithms)) for k in keys],
-                settings.model_dump(exclude={"mode", "api_keys", "keys", "expiry_warning_seconds"}),
-            )
-        ).encode()
-    ).digest()
-    verifier = TokenVerifier(KeySet(keys), policy, generation, cache, clock) if keys else None
+    identity = repr(
+        (
+            project_id,
+            settings.model_dump(
+                exclude={"mode", "api_keys", "keys", "expiry_warning_seconds", "jwks_url"}
+            ),
+        )
+    ).encode()
+    jwks = (
+        JwksUrl(settings.jwks_url, settings.jwks_refresh_seconds, settings.jwks_min_refetch_seconds)
+        if settings.jwks_url
+        else None
+    )
+    project_keys = ProjectKeys(
+        static=keys, policy=policy, identity=identity, cache=cache, clock=clock, jwks=jwks
+    )
     return Project(
         id=project_id,
         label=label,
         mode=settings.mode,
         subject=subject,
-        verifier=verifier,
+        keys=project_keys,
         api_key_digests=tuple(
             d for d in (_api_key_digest(k) for k in settings.api_keys) if d is not None
         ),
@@ -509,9 +534,7 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
     owners: dict[bytes, list[str]] = {}
     shown: dict[bytes, str] = {}
     for project_id, project in projects.items():
-        if project.verifier is None:
-            continue
-        for key in project.verifier.keys.keys:
+        for key in project.keys.static:
             users = owners.setdefault(key.material, [])
             if project_id not in users:
                 users.append(project_id)
@@ -602,9 +625,7 @@ def compile_config(
         warnings=tuple(_warnings(settings, projects)),
         digest=hashlib.sha256(settings.model_dump_json().encode()).hexdigest(),
         key_fingerprints={
-            p: tuple((k.kid, k.fingerprint) for k in proj.verifier.keys.keys)
-            if proj.verifier
-            else ()
+            p: tuple((k.kid, k.fingerprint) for k in proj.keys.static)
             for p, proj in projects.items()
         },
         token_cache=cache,

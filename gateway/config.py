@@ -255,6 +255,28 @@ class ProjectSettings(_Settings):
     expiry_warning_seconds: Annotated[int, Field(ge=0)] = 300
     api_keys: tuple[str, ...] = ()
     keys: tuple[KeySettings, ...] = ()
+    jwks_file: Annotated[str | None, Field(min_length=1)] = None
+    jwks_url: str | None = None
+    jwks_refresh_seconds: Annotated[int, Field(ge=10, le=86_400)] = 300
+    jwks_min_refetch_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.fullmatch(r"(https?)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+)(:\d+)?(/\S*)?", value)
+        if match is None:
+            raise ValueError("expected https://HOST[:PORT]/PATH")
+        scheme, host = match.group(1), match.group(2).strip("[]")
+        if scheme == "http" and host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError("must be https:// (http:// only to a loopback address)")
+        return value
 
 
 class SourceSettings(_Settings):

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.algorithms import ALGORITHMS, KeyType, key_type_of
+from gateway.jsonstrict import JSONRejected, loads_strict
 
 MIN_RSA_BITS = 2048
 
@@ -118,3 +119,110 @@ class KeySet:
             alg: tuple(k for k in self.keys if alg in k.algorithms) for alg in ALGORITHMS
         }
         object.__setattr__(self, "by_algorithm", by_algorithm)
+
+
+def verification_key(
+    kid: str, key: object, key_type: KeyType, allowed: frozenset[str], only: str | None = None
+) -> VerificationKey:
+    """A key with the project's algorithms it can verify (`only`: a JWK's own `alg`)."""
+    of_its_type = sorted(n for n, a in ALGORITHMS.items() if a.key_type is key_type)
+    wanted = [a for a in sorted(allowed) if a in of_its_type and (only is None or a == only)]
+    misfits = {a: ALGORITHMS[a].fits(key) for a in wanted}
+    usable = frozenset(a for a, why in misfits.items() if why is None)
+    if not usable:
+        why_not = "; ".join(sorted({why for why in misfits.values() if why}))
+        raise KeyProblem(
+            why_not
+            or f"{key_type.value} key has no allowed algorithm: algorithms lists "
+            f"{', '.join(sorted(allowed))}; add one of {', '.join(of_its_type)}"
+        )
+    return VerificationKey(kid, key_type, key, fingerprint(key), usable, material_digest(key))
+
+
+# --- JWKS --------------------------------------------------------------------------------------
+
+MAX_JWKS_BYTES = 256 * 1024
+_PRIVATE_PARAMETERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+_CURVES = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
+
+
+def _b64_int(jwk: dict[str, object], name: str) -> int:
+    return int.from_bytes(_b64_bytes(jwk, name), "big")
+
+
+def _b64_bytes(jwk: dict[str, object], name: str) -> bytes:
+    value = jwk.get(name)
+    if not isinstance(value, str) or not value:
+        raise KeyProblem(f"{name} is missing")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except ValueError:
+        raise KeyProblem(f"{name} is not base64url") from None
+
+
+def _jwk_key(jwk: dict[str, object], allow_secrets: bool) -> tuple[object, KeyType]:
+    kty = jwk.get("kty")
+    if any(p in jwk for p in _PRIVATE_PARAMETERS):
+        raise KeyProblem("holds private key parameters; publish public keys only")
+    if kty == "RSA":
+        public: object = rsa.RSAPublicNumbers(_b64_int(jwk, "e"), _b64_int(jwk, "n")).public_key()
+        assert isinstance(public, rsa.RSAPublicKey)
+        if public.key_size < MIN_RSA_BITS:
+            raise KeyProblem(f"RSA key is {public.key_size} bits; at least {MIN_RSA_BITS} required")
+        return public, KeyType.RSA
+    if kty == "EC":
+        curve = _CURVES.get(str(jwk.get("crv")))
+        if curve is None:
+            raise KeyProblem(f"crv must be one of {', '.join(_CURVES)}")
+        numbers = ec.EllipticCurvePublicNumbers(_b64_int(jwk, "x"), _b64_int(jwk, "y"), curve)
+        return numbers.public_key(), KeyType.EC
+    if kty == "OKP":
+        crv = jwk.get("crv")
+        if crv == "Ed25519":
+            return ed25519.Ed25519PublicKey.from_public_bytes(_b64_bytes(jwk, "x")), KeyType.OKP
+        if crv == "Ed448":
+            return ed448.Ed448PublicKey.from_public_bytes(_b64_bytes(jwk, "x")), KeyType.OKP
+        raise KeyProblem("crv must be Ed25519 or Ed448")
+    if kty == "oct" and allow_secrets:
+        return _b64_bytes(jwk, "k"), KeyType.HMAC
+    raise KeyProblem(f"kty {kty!r} is not supported here")
+
+
+def parse_jwks(
+    data: bytes, allowed: frozenset[str], *, allow_secrets: bool
+) -> list[VerificationKey]:
+    """Every key of a JWK Set, checked like config keys; a problem names the key's index."""
+    if len(data) > MAX_JWKS_BYTES:
+        raise KeyProblem(f"larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document = loads_strict(data)
+    except JSONRejected as exc:
+        raise KeyProblem(f"not one JSON document ({exc})") from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise KeyProblem('expected {"keys": [...]}')
+    keys: list[VerificationKey] = []
+    for index, jwk in enumerate(entries):
+        try:
+            key = _jwk_entry(jwk, allowed, allow_secrets)
+        except (KeyProblem, ValueError) as exc:
+            raise KeyProblem(f"keys[{index}]: {exc}") from None
+        if any(k.kid == key.kid for k in keys):
+            raise KeyProblem(f"keys[{index}]: kid {key.kid!r} appears twice")
+        keys.append(key)
+    return keys
+
+
+def _jwk_entry(jwk: object, allowed: frozenset[str], allow_secrets: bool) -> VerificationKey:
+    if not isinstance(jwk, dict):
+        raise KeyProblem("not an object")
+    kid = jwk.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise KeyProblem("kid is missing")
+    if jwk.get("use", "sig") != "sig":
+        raise KeyProblem("use is not sig")
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ALGORITHMS:
+        raise KeyProblem(f"alg {alg!r} is not supported")
+    key, key_type = _jwk_key(jwk, allow_secrets)
+    return verification_key(kid, key, key_type, allowed, alg)

@@ -94,6 +94,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches_total",
+            "JWKS URL fetches, by project and result.",
+            ["project", "result"],
+            registry=r,
+        )
         self.keys_loaded = Gauge(
             "gateway_keys_loaded",
             "Verification keys loaded, by project.",

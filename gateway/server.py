@@ -20,6 +20,7 @@ from gateway.config import ConfigError, Problem, Settings, load_settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
+from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Upstream
@@ -96,6 +97,7 @@ class GatewayServer:
         self.metrics = Metrics()
         config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         enabled = config.settings.access_log.enabled
+        self.jwks = JwksRefresher(self._jwks_fetched)
         self.gateway = Gateway(
             config,
             clock=self.clock,
@@ -103,6 +105,7 @@ class GatewayServer:
             upstream=Upstream(config.settings.upstream),
             access_log=access_log or AccessLog(enabled=enabled),
             metrics=self.metrics,
+            jwks=self.jwks,
         )
         self.draining = False
         self._retired: list[Upstream | FailureCounter] = []  # replaced by a reload, closing soon
@@ -111,6 +114,16 @@ class GatewayServer:
         self._public: web.ServerRunner | None = None
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+
+    def _jwks_fetched(self, label: str, ok: bool) -> None:
+        self.metrics.jwks_fetches.labels(label, "success" if ok else "failure").inc()
+        if ok:
+            project = self.config.projects.get(label.lower(), self.config.other_projects)
+            self.metrics.keys_loaded.labels(label).set(len(project.keys.all_keys))
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.jwks.ready
 
     @property
     def config(self) -> CompiledConfig:
@@ -243,6 +256,7 @@ class GatewayServer:
         await self.gateway.upstream.close()
         await self.gateway.counter.close()
         await self.gateway.access_log.close()
+        await self.jwks.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -462,8 +462,8 @@ def test_an_enforcing_project_needs_a_key_source(tmp_path: Path, key_a: KeyPair,
     cfg["defaults"] = {"mode": mode}
     assert_problems(
         problems(write(tmp_path, cfg, key_a)),
-        rf"projects\.p1\.keys: mode {mode} needs at least one key source",
-        rf"defaults\.keys: mode {mode} needs at least one key source",
+        rf"projects\.p1\.keys: mode {mode} needs at least one key source \(keys, jwks_file, jwks_url\)",
+        rf"defaults\.keys: mode {mode} needs at least one key source \(keys, jwks_file, jwks_url\)",
     )
 
 
