@@ -70,7 +70,8 @@ class Exchange:
     project_id: str | None = None
     mode: str = "disabled"
     decision: str | None = None
-    reason: Reason | None = None
+    decision_reason: Reason | None = None  # why auth refused (or would have): the metric's code
+    reason: Reason | None = None  # why the answer is an error, whatever stage gave it
     upstream_status: int | None = None
     client: str | None = None
     cors_headers: dict[str, str] | None = None  # for an Origin the route's `cors` lists
@@ -145,7 +146,7 @@ class Gateway:
             response = self._refuse(exchange, refused.reason, allow=refused.allow)
         except Rejected as refused:
             if exchange.authenticating and exchange.decision is None:
-                exchange.decision = "rejected"
+                exchange.decision, exchange.decision_reason = "rejected", refused.reason
             response = self._refuse(exchange, refused.reason)
         finally:
             in_flight.dec()
@@ -162,7 +163,8 @@ class Gateway:
         bound.request(route_label, project_label, status).inc()
         bound.request_duration[route_label].observe(time.perf_counter() - started)
         if exchange.decision is not None:
-            code = reason.code.name if reason else ""
+            failure = exchange.decision_reason
+            code = failure.code.name if failure else ""
             bound.decision(project_label, exchange.mode, exchange.decision, code).inc()
         if reason in _UPSTREAM_ERROR_KINDS:
             self.metrics.upstream_error[_UPSTREAM_ERROR_KINDS[reason]].inc()
@@ -204,7 +206,7 @@ class Gateway:
 
         exchange.client = self._client(request, config)
         if failure is not None:
-            exchange.reason = failure
+            exchange.reason = exchange.decision_reason = failure
             limited = await self._count_failure(config, bound, project, exchange, attempt, failure)
             if sdk_mode == "required":
                 exchange.decision = "rejected"

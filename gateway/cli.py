@@ -87,11 +87,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_problems(path, exc)
         return 1
     workers = args.workers or config.settings.workers
-    if workers != 1:
-        print("gateway: more than one worker is not supported by this build", file=sys.stderr)
-        return 2
+    count = (os.cpu_count() or 1) if workers == "auto" else int(workers)
     _install_uvloop()
+    if count > 1:
+        from gateway.workers import supervise
+
+        return asyncio.run(supervise(path, count))
     asyncio.run(serve(path))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from gateway.logs import configure_logging
+    from gateway.workers import serve_worker
+
+    configure_logging()
+    _install_uvloop()
+    asyncio.run(serve_worker(Path(args.config), Path(args.admin_port_file)))
     return 0
 
 
@@ -233,14 +245,31 @@ def cmd_sample_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_argument(value: str) -> int | str:
+    if value == "auto":
+        return value
+    count = int(value)
+    if not 1 <= count <= 256:
+        raise argparse.ArgumentTypeError("from 1 to 256, or auto")
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="serve with a config until SIGTERM/SIGINT")
     run.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")
-    run.add_argument("--workers", type=int, help="worker processes (overrides the config)")
+    run.add_argument(
+        "--workers", type=_workers_argument, help="worker processes, or auto (overrides config)"
+    )
     run.set_defaults(func=cmd_run)
+
+    # Started by `run` for each worker; not for direct use.
+    worker = commands.add_parser("worker")
+    worker.add_argument("-c", "--config", required=True)
+    worker.add_argument("--admin-port-file", required=True)
+    worker.set_defaults(func=cmd_worker)
 
     check = commands.add_parser("check-config", help="validate a config and summarise it")
     check.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")

@@ -146,6 +146,13 @@ async def test_session_limits_upstream_errors_and_reloads_are_counted(
     samples = await scrape(http, gateway)
     assert value(samples, "gateway_session_limited_total", project="app") == 2
     assert value(samples, "gateway_upstream_errors_total", kind="connect") == 1
+    # The decision's code is the auth outcome, not the upstream failure that followed it.
+    anonymous = {"project": "app", "mode": "required", "decision": "anonymous"}
+    assert value(samples, "gateway_auth_decisions_total", **anonymous, code="") == 1
+    upstream_coded = value(
+        samples, "gateway_auth_decisions_total", **anonymous, code="UPSTREAM_UNAVAILABLE"
+    )
+    assert upstream_coded == 0
     assert value(samples, "gateway_config_reloads_total", result="success") == 1
     assert value(samples, "gateway_config_reloads_total", result="failure") == 0
     assert value(samples, "gateway_failure_counter_duration_seconds_count", backend="memory") == 3

@@ -1,0 +1,190 @@
+"""`workers: N` against the real processes: one port, summed metrics, reload of every worker, a
+killed worker replaced, SIGTERM drains them all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import KeyPair, Upstream, base_config, free_port, write_config
+
+EVENTS = "/track/v2/projects/app/customers/events"
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if await check():
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Running:
+    def __init__(self, process: asyncio.subprocess.Process, config: dict[str, Any], path: Path):
+        self.process = process
+        self.url = f"http://{config['listen']}"
+        self.admin = f"http://{config['admin_listen']}"
+        self.path = path
+
+
+@pytest.fixture
+async def two_workers(
+    tmp_path: Path, key_a: KeyPair, key_b: KeyPair, upstream: Upstream, http: aiohttp.ClientSession
+) -> AsyncIterator[Running]:
+    config = base_config(upstream.url)
+    config.update(
+        listen=f"127.0.0.1:{free_port()}",
+        admin_listen=f"127.0.0.1:{free_port()}",
+        workers=2,
+        shutdown={"drain_delay_seconds": 0, "grace_seconds": 5},
+    )
+    config["projects"]["app"]["mode"] = "monitor"
+    path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+    log_file = (tmp_path / "stderr.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log_file,
+    )
+    running = Running(process, config, path)
+
+    async def ready() -> bool:
+        async with http.get(running.admin + "/readyz") as response:
+            return response.status == 200
+
+    try:
+        await eventually(ready, "both workers ready")
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for child in children_of(process.pid):
+            os.kill(child, signal.SIGKILL)
+        log_file.close()
+
+
+async def send(http: aiohttp.ClientSession, url: str, user: str = "alice") -> int:
+    body = json.dumps({"customer_ids": {"registered": user}})
+    headers = {"Content-Type": "application/json"}
+    async with http.post(url + EVENTS, data=body, headers=headers) as response:
+        return response.status
+
+
+async def requests_total(http: aiohttp.ClientSession, admin: str) -> float:
+    async with http.get(admin + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total"
+    )
+
+
+async def test_workers_share_the_port_and_sum_their_metrics(
+    http: aiohttp.ClientSession, two_workers: Running
+) -> None:
+    assert len(children_of(two_workers.process.pid)) == 2
+    # Separate connections, so the kernel spreads them over both workers.
+    statuses = []
+    for _ in range(40):
+        async with aiohttp.ClientSession() as fresh:
+            statuses.append(await send(fresh, two_workers.url))
+    assert set(statuses) == {200}
+    assert await requests_total(http, two_workers.admin) == 40
+
+
+async def test_reload_reaches_every_worker(
+    http: aiohttp.ClientSession, two_workers: Running
+) -> None:
+    config = yaml.safe_load(two_workers.path.read_text())
+    config["projects"]["app"]["mode"] = "required"
+    two_workers.path.write_text(yaml.safe_dump(config))
+    async with http.post(two_workers.admin + "/-/reload") as response:
+        assert response.status == 200
+
+    async def all_required() -> bool:
+        for attempt in range(20):
+            async with aiohttp.ClientSession() as fresh:
+                # A user each, so no session reaches the failure limit (429) meanwhile.
+                if await send(fresh, two_workers.url, f"user-{attempt}") != 401:
+                    return False
+        return True
+
+    await eventually(all_required, "every worker to enforce the reloaded mode")
+    config["projects"]["app"]["mode"] = "bogus"
+    two_workers.path.write_text(yaml.safe_dump(config))
+    async with http.post(two_workers.admin + "/-/reload") as response:
+        assert response.status == 422
+        assert "projects.app.mode" in (await response.json())["problems"][0]
+    async with http.get(two_workers.admin + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_config_reloads_total{result="success"} 1.0' in text
+    assert 'gateway_config_reloads_total{result="failure"} 1.0' in text
+
+
+async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(
+    http: aiohttp.ClientSession, two_workers: Running
+) -> None:
+    before = children_of(two_workers.process.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+
+    async def replaced() -> bool:
+        now = children_of(two_workers.process.pid)
+        return len(now) == 2 and victim not in now
+
+    await eventually(replaced, "a new worker")
+
+    async def ready() -> bool:
+        async with http.get(two_workers.admin + "/readyz") as response:
+            return response.status == 200
+
+    await eventually(ready, "readiness after the replacement")
+    assert await send(http, two_workers.url) == 200
+    survivors = children_of(two_workers.process.pid)
+    two_workers.process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(30):
+        assert await two_workers.process.wait() == 0
+    assert not any(alive(pid) for pid in survivors)
