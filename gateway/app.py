@@ -11,6 +11,7 @@ order, and turns their results into a response and an access-log record.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import re
@@ -75,6 +76,8 @@ class Exchange:
     upstream_status: int | None = None
     client: str | None = None
     cors_headers: dict[str, str] | None = None  # for an Origin the route's `cors` lists
+    token_fingerprint: str | None = None  # 12 hex digits of the token's SHA-256, for the log
+    parsed: bool = True  # False: the HTTP parser refused it; method and path are unknown
     authenticating: bool = False  # past route and size checks: a refusal is an auth decision
 
 
@@ -154,6 +157,15 @@ class Gateway:
         self._log(request, exchange, response.status, started)
         return response
 
+    def protocol_error(
+        self, request: web.BaseRequest, reason: Reason, request_id: str, status: int
+    ) -> None:
+        """A request the HTTP parser refused before any handler ran: counted and logged too."""
+        exchange = Exchange(request_id, reason=reason, parsed=False)
+        started = time.perf_counter()
+        self._observe(self.bound, exchange, status, started)
+        self._log(request, exchange, status, started)
+
     def _observe(
         self, bound: BoundMetrics, exchange: Exchange, status: int, started: float
     ) -> None:
@@ -203,6 +215,9 @@ class Gateway:
                 # The kid may be in the key set we could never read: our fault, not the token's.
                 checked.failure = Reason.KEYS_UNAVAILABLE
         status, attempt, failure = checked.status, checked.attempt, checked.failure
+        if attempt.token is not None and self.access_log.enabled:
+            digest = hashlib.sha256(attempt.token.token.encode()).hexdigest()
+            exchange.token_fingerprint = digest[:12]
 
         exchange.client = self._client(request, config)
         if failure is not None:
@@ -522,8 +537,8 @@ class Gateway:
                 "request_id": exchange.request_id,
                 "route": route.name if route else "_none",
                 "project": project.label if project else None,
-                "method": request.method,
-                "path": request.raw_path.partition("?")[0][:512],
+                "method": request.method if exchange.parsed else None,
+                "path": request.raw_path.partition("?")[0][:512] if exchange.parsed else None,
                 "status": status,
                 "mode": exchange.mode,
                 "decision": exchange.decision,
@@ -532,5 +547,6 @@ class Gateway:
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "upstream_status": exchange.upstream_status,
                 "client": exchange.client or request.remote,
+                "token_sha256": exchange.token_fingerprint,
             }
         )

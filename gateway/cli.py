@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(path, exc)
         return 1
+    configure_logging(config.settings.log_level.upper())
     workers = args.workers or config.settings.workers
     count = (os.cpu_count() or 1) if workers == "auto" else int(workers)
     _install_uvloop()

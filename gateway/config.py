@@ -385,6 +385,7 @@ class Settings(_Settings):
     failure_counter: FailureCounterSettings = FailureCounterSettings()
     verified_token_cache: VerifiedTokenCacheSettings = VerifiedTokenCacheSettings()
     access_log: AccessLogSettings = AccessLogSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"  # the operational log
     defaults: ProjectSettings = ProjectSettings()
     projects: dict[str, ProjectSettings] = {}
     identity: tuple[SourceSettings, ...] = ()

@@ -152,6 +152,7 @@ class GatewayServer:
         header_room = settings.limits.max_token_bytes + 1024
         server = ContractServer(
             self.gateway.handle,
+            self.gateway.protocol_error,
             max_field_size=max(8190, header_room),
             max_line_size=max(8190, header_room),
         )
@@ -199,6 +200,7 @@ class GatewayServer:
             candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         await self._swap_clients(current.settings, candidate)
         self.gateway.apply(candidate)
+        logging.getLogger().setLevel(candidate.settings.log_level.upper())
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
         return ReloadResult(True, candidate.digest, ())

@@ -8,6 +8,7 @@ subclass answers in the contract's shape instead and logs only the kind of error
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +22,13 @@ from gateway.reasons import Reason
 log = logging.getLogger("gateway.server")
 
 
+ProtocolErrorHook = Callable[[BaseRequest, Reason, str, int], None]
+
+
 class _ContractRequestHandler(RequestHandler):
+    __slots__ = ("on_protocol_error",)
+    on_protocol_error: ProtocolErrorHook
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -48,14 +55,18 @@ class _ContractRequestHandler(RequestHandler):
         response = web.Response(status=answer.status, headers=answer.headers, body=answer.body)
         response.headers["X-Request-Id"] = request_id
         response.force_close()
+        self.on_protocol_error(request, reason, request_id, answer.status)
         return response
 
 
 class ContractServer(web.Server):
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, on_protocol_error: ProtocolErrorHook, **kwargs: Any) -> None:
+        self.on_protocol_error = on_protocol_error  # so refused requests are logged and counted
         # The body is read raw: the gateway decides which encodings it accepts, decodes once
         # and forwards what it decoded (aiohttp would otherwise decode first, silently).
         super().__init__(handler, access_log=None, auto_decompress=False, **kwargs)
 
     def __call__(self) -> RequestHandler:
-        return _ContractRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _ContractRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.on_protocol_error = self.on_protocol_error
+        return handler

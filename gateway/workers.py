@@ -260,6 +260,7 @@ async def supervise(path: Path, count: int) -> int:
 async def serve_worker(path: Path, admin_port_file: Path) -> None:
     """One worker: the ordinary server, its admin listener on a loopback port for the parent."""
     config = load_config(path, SystemClock())
+    logging.getLogger().setLevel(config.settings.log_level.upper())
     server = GatewayServer(config, admin_socket=bind("127.0.0.1:0", reuse_port=False))
     await server.start()
     await asyncio.to_thread(admin_port_file.write_text, str(server.admin_port))
