@@ -11,6 +11,7 @@ import base64
 import copy
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,19 @@ async def raw_request(port: int, data: bytes, wait_seconds: float = 5) -> RawRes
         return RawResponse(status, headers, body)
     finally:
         writer.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30) -> None:
+    """Poll `check` until it holds (a client error counts as not yet); fail at the deadline."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if await check():
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ from tests.conftest import (
     Tokens,
     Upstream,
     base_config,
+    eventually,
     free_port,
     write_config,
 )
@@ -187,18 +188,6 @@ class GatewayProcess:
 StartProcess = Callable[..., Awaitable[GatewayProcess]]
 
 
-async def wait_for(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if await check():
-                return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 async def start_process(
     tmp_path: Path, key_a: KeyPair, key_b: KeyPair, http: aiohttp.ClientSession
@@ -230,7 +219,7 @@ async def start_process(
             async with http.get(running.admin + "/readyz") as response:
                 return response.status == 200
 
-        await wait_for(ready, "readiness")
+        await eventually(ready, "readiness")
         return running
 
     yield start
@@ -256,7 +245,7 @@ async def test_sigterm_drains_and_finishes_requests_in_flight(
         async with http.get(gateway.admin + "/readyz") as response:
             return response.status == 503
 
-    await wait_for(unready, "readyz to turn 503")
+    await eventually(unready, "readyz to turn 503")
     # Still served during the drain delay, for load balancers that have not noticed yet.
     anonymous = {"Content-Type": "application/json"}
     async with http.post(gateway.url + EVENTS, data=b"{}", headers=anonymous) as response:

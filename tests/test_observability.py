@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,12 @@ import jwt
 import pytest
 import yaml
 
-from tests.conftest import KeyPair, Upstream, base_config, free_port, write_config
+from tests.conftest import KeyPair, Upstream, base_config, eventually, free_port, write_config
 
 EVENTS = "/track/v2/projects/app/customers/events"
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "hmac-secret-that-must-never-be-logged-0123456789"
 API_KEY = "api-key-that-must-never-be-logged-42"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if await check():
-                return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw_exchange(port: int, data: bytes) -> bytes:

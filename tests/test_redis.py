@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 
 from gateway.counters import session_key
 from gateway.counters.redis import RedisFailureCounter, redis_key
-from tests.conftest import GatewayFactory, RunningGateway, Tokens, free_port
+from tests.conftest import GatewayFactory, RunningGateway, Tokens, eventually, free_port
 from tests.redis_support import RedisCluster, RedisProcess
 
 KEY = session_key("app", "app", "session", "s-1")
@@ -38,15 +38,6 @@ async def counter(redis_server: RedisProcess) -> AsyncIterator[RedisFailureCount
     made = RedisFailureCounter(url=redis_server.url, cluster=False, timeout_ms=50, ttl_seconds=1800)
     yield made
     await made.close()
-
-
-async def eventually(check: Any, what: str, deadline_seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_keys_hold_project_and_digest_only(
