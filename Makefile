@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint typecheck format check-config clean
+.PHONY: run test lint typecheck format check-config bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ typecheck: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format gateway tests
 	$(BIN)/ruff check --fix gateway tests
+
+# Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode.
+# Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench.run
 
 check-config: $(STAMP) config/keys/demo.public.pem
 	$(BIN)/gateway check-config -c $(CONFIG)
