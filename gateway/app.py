@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -57,8 +58,12 @@ UPSTREAM_RETRY_AFTER_SECONDS = 1
 KEYS_RETRY_AFTER_SECONDS = 5
 
 
+_REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
+_request_numbers = itertools.count()
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
 
 
 @dataclass(slots=True)
@@ -398,6 +403,15 @@ class Gateway:
             request.writer.output_size = 0
         if not request.body_exists:
             return b""
+        content = request.content
+        try:
+            if content.is_eof():  # the usual small event: it came with the headers
+                whole = content.read_nowait()
+                if len(whole) > limits.max_body_bytes:
+                    raise Rejected(Reason.BODY_TOO_LARGE)
+                return whole
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError):
+            raise Rejected(Reason.HTTP_MALFORMED) from None
         received = bytearray()
         try:
             async with asyncio.timeout(limits.body_timeout_seconds):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -109,6 +110,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _install_uvloop() -> None:
+    """uvloop, and a garbage collector tuned for a server: what exists at start-up (config,
+    keys, modules) is frozen out of every collection, and the per-request garbage, which
+    reference counting frees, no longer triggers a young collection every 700 allocations."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 50)
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without it

@@ -64,9 +64,16 @@ class AccessLog:
         self.flush()
 
 
+_formatted_second: list[tuple[int, str]] = [(-1, "")]  # formatting a second once, not per line
+
+
 def utc_timestamp(epoch: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
-    return f"{seconds}.{int(epoch % 1 * 1000):03d}Z"
+    second = int(epoch)
+    cached_second, text = _formatted_second[0]
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _formatted_second[0] = (second, text)
+    return f"{text}.{int((epoch - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):

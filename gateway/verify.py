@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +71,9 @@ class TokenCache:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: dict[tuple[bytes, bytes], VerifiedToken] = {}
+        # OrderedDict: evicting the oldest stays O(1) when full, where a dict's front fills
+        # with deleted slots that every `next(iter())` walks again.
+        self._entries: OrderedDict[tuple[bytes, bytes], VerifiedToken] = OrderedDict()
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
 
@@ -87,7 +90,7 @@ class TokenCache:
         if self.max_entries == 0:
             return
         if len(self._entries) >= self.max_entries:
-            del self._entries[next(iter(self._entries))]
+            self._entries.popitem(last=False)
         self._entries[key] = token
 
     def discard(self, key: tuple[bytes, bytes]) -> None:
