@@ -17,9 +17,10 @@ import math
 import os
 import re
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from aiohttp import ClientError, ClientResponse, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
@@ -32,6 +33,7 @@ from gateway.counters import FailureCounter, SessionKey, session_key
 from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
 from gateway.errors import ErrorFormat, render_error
 from gateway.extract import RequestParts, collect_headers, parse_query
+from gateway.http1 import UPSTREAM_FAILURES
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog, utc_timestamp
 from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
@@ -41,6 +43,7 @@ from gateway.proxy import (
     client_address,
     forward_headers,
     is_trusted,
+    response_headers,
     strip_query,
 )
 from gateway.reasons import Code, Reason, Rejected
@@ -330,7 +333,7 @@ class Gateway:
         finally:
             bound.upstream_duration[route.name].observe(time.perf_counter() - sent)
         exchange.upstream_status = answer.status
-        headers = answer.headers
+        headers = response_headers(answer.headers)
         headers["X-Request-Id"] = exchange.request_id
         if exchange.cors_headers:
             headers.update(exchange.cors_headers)
@@ -520,7 +523,7 @@ class Gateway:
         status: int,
         headers: CIMultiDict[str],
         head: bytes,
-        rest: ClientResponse,
+        rest: AsyncGenerator[bytes, None],
     ) -> web.StreamResponse:
         """An answer past the buffer, relayed as it comes. If the upstream breaks now, the
         client's connection is cut, so a truncated body can never look complete."""
@@ -528,15 +531,15 @@ class Gateway:
         try:
             await response.prepare(request)
             await response.write(head)
-            async for chunk in rest.content.iter_any():
+            async for chunk in rest:
                 await response.write(chunk)
             await response.write_eof()
-        except (ClientError, TimeoutError):
+        except (*UPSTREAM_FAILURES, TimeoutError):
             exchange.reason = Reason.UPSTREAM_BROKEN
             if request.transport is not None:
                 request.transport.abort()
         finally:
-            rest.release()
+            await rest.aclose()  # hands the connection back, or closes it
         return response
 
     def _log(

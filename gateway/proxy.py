@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import UpstreamSettings
 from gateway.extract import normalise_header_name
+from gateway.http1 import UPSTREAM_FAILURES, Answer, Client, ConnectionPool
 from gateway.reasons import Reason, Rejected
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
@@ -164,86 +164,40 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamAnswer:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-    rest: aiohttp.ClientResponse | None  # still streaming when the body outgrew the buffer
-
-
 class Upstream:
-    """The pooled client to the tracking API."""
+    """The pooled HTTP/1.1 client to the tracking API."""
 
     # An answer up to this size is read whole before we reply, so an upstream that breaks
     # mid-answer still gets a 502 rather than a truncated 2xx.
     BUFFER_BYTES = 1 << 20
 
     def __init__(self, settings: UpstreamSettings) -> None:
-        self._root = settings.url  # validated: http://host[:port][/prefix], no trailing /
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.timeout_seconds, sock_connect=settings.connect_timeout_seconds
+        url = URL(settings.url)
+        self._prefix = url.raw_path.rstrip("/")  # validated: http://host[:port][/prefix]
+        assert url.host is not None
+        host_header = url.raw_host or url.host
+        if url.explicit_port:
+            host_header = f"{host_header}:{url.port}"
+        self._pool = ConnectionPool(
+            url.host, url.port or 80, settings.max_connections, settings.connect_timeout_seconds
         )
-        self._max_connections = settings.max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._client = Client(self._pool, host_header, settings.timeout_seconds, self.BUFFER_BYTES)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, ttl_dns_cache=300, enable_cleanup_closed=True
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        """Connections open on first use; nothing to do before serving."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    async def _read_head(self, response: aiohttp.ClientResponse) -> bytes:
-        """Up to BUFFER_BYTES of the answer, or all of it: a break inside this is a 502."""
-        head = bytearray()
-        while len(head) < self.BUFFER_BYTES:
-            chunk = await response.content.read(self.BUFFER_BYTES - len(head))
-            if not chunk:
-                break
-            head += chunk
-        return bytes(head)
+        await self._pool.close()
 
     async def send(
         self, method: str, path: str, query: str | None, headers: CIMultiDict[str], body: bytes
-    ) -> UpstreamAnswer:
-        assert self._session is not None, "Upstream.start() was not awaited"
+    ) -> Answer:
         # Path and query were validated as plain RFC 3986 text: sent exactly as received.
-        target = self._root + path if query is None else f"{self._root}{path}?{query}"
-        url = URL(target, encoded=True)
-        response: aiohttp.ClientResponse | None = None
+        target = self._prefix + path if query is None else f"{self._prefix}{path}?{query}"
         try:
-            response = await self._session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
-            )
-            head = await self._read_head(response)
-        except aiohttp.ClientConnectorError:
-            raise Rejected(Reason.UPSTREAM_CONNECT) from None
-        except aiohttp.ConnectionTimeoutError:
-            raise Rejected(Reason.UPSTREAM_CONNECT) from None
+            answer = await self._client.request(method, target, headers.items(), body)
         except TimeoutError:
-            if response is not None:
-                response.close()
             raise Rejected(Reason.UPSTREAM_TIMEOUT) from None
-        except aiohttp.ClientError:
-            if response is not None:
-                response.close()
+        except UPSTREAM_FAILURES:
             raise Rejected(Reason.UPSTREAM_BROKEN) from None
-        complete = response.content.at_eof()
-        if complete:
-            response.release()
-        return UpstreamAnswer(
-            response.status,
-            response_headers(response.headers.items()),
-            head,
-            None if complete else response,
-        )
+        return answer
