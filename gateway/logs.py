@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any, Protocol
 
+import orjson
+
 from gateway.tasks import spawn
 
 FLUSH_INTERVAL_SECONDS = 0.2
@@ -39,7 +41,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        line = orjson.dumps(record).decode()
         self._pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= FLUSH_BYTES or self._flusher is None:

@@ -108,48 +108,59 @@ class Forwarding:
     token_scheme_drop: frozenset[tuple[str, str]]  # (name, scheme): only values with that scheme
 
 
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+
+
 def forward_headers(
     raw_headers: Iterable[tuple[bytes, bytes]], forwarding: Forwarding
-) -> CIMultiDict[str]:
-    """The request's headers as the upstream gets them; one pass over what was received."""
-    received = [
-        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        for name, value in raw_headers
-    ]
-    normalised = [normalise_header_name(name) for name, _ in received]
-    connection_named = _connection_named(
-        v for n, (_, v) in zip(normalised, received, strict=True) if n == "connection"
-    )
-    out: CIMultiDict[str] = CIMultiDict()
+) -> list[tuple[str, str]]:
+    """The request's headers as the upstream gets them, in one pass over what was received."""
+    out: list[tuple[str, str]] = []
     forwarded_for: list[str] = []
     kept_forwarded: dict[str, str] = {}
-    for key, (name, value) in zip(normalised, received, strict=True):
-        if key in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"):
-            if forwarding.peer_trusted:
+    connection_named: set[str] = set()
+    host = ""
+    drop, scheme_drop, trusted = (
+        forwarding.drop,
+        forwarding.token_scheme_drop,
+        forwarding.peer_trusted,
+    )
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("latin-1")
+        value = raw_value.decode("utf-8", "surrogateescape")
+        key = name.lower()
+        if "_" in key:
+            key = key.replace("_", "-")  # CGI-style servers read X_Auth_Status as X-Auth-Status
+        if key in _FORWARDING:
+            if trusted:
                 if key == "x-forwarded-for":
                     forwarded_for.append(value)
                 elif key == "forwarded":
-                    out.add(name, value)
+                    out.append((name, value))
                 else:
                     kept_forwarded.setdefault(key, value)
             continue
-        if key in _REQUEST_DROPPED or key in connection_named or key in forwarding.drop:
+        if key in _REQUEST_DROPPED or key in drop:
+            if key == "connection":
+                connection_named |= _connection_named((value,))
+            elif key == "host":
+                host = host or value
             continue
-        if forwarding.token_scheme_drop and any(
-            key == n and value.strip().lower().startswith(s + " ")
-            for n, s in forwarding.token_scheme_drop
+        if scheme_drop and any(
+            key == n and value.strip().lower().startswith(s + " ") for n, s in scheme_drop
         ):
             continue
-        out.add(name, value)
-    host = next((v for k, (_, v) in zip(normalised, received, strict=True) if k == "host"), "")
+        out.append((name, value))
+    if connection_named:  # headers the client marked hop-by-hop, wherever they came
+        out = [(n, v) for n, v in out if normalise_header_name(n) not in connection_named]
     forwarded_for.append(forwarding.peer or "unknown")
-    out["X-Forwarded-For"] = ", ".join(forwarded_for)
-    out["X-Forwarded-Proto"] = kept_forwarded.get("x-forwarded-proto", "http")
-    out["X-Forwarded-Host"] = kept_forwarded.get("x-forwarded-host", host)
-    out["X-Request-Id"] = forwarding.request_id
-    out["X-Auth-Status"] = forwarding.auth_status
+    out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
+    out.append(("X-Forwarded-Proto", kept_forwarded.get("x-forwarded-proto", "http")))
+    out.append(("X-Forwarded-Host", kept_forwarded.get("x-forwarded-host", host)))
+    out.append(("X-Request-Id", forwarding.request_id))
+    out.append(("X-Auth-Status", forwarding.auth_status))
     if forwarding.authenticated_user is not None:
-        out["X-Authenticated-User"] = forwarding.authenticated_user
+        out.append(("X-Authenticated-User", forwarding.authenticated_user))
     return out
 
 
@@ -190,12 +201,12 @@ class Upstream:
         await self._pool.close()
 
     async def send(
-        self, method: str, path: str, query: str | None, headers: CIMultiDict[str], body: bytes
+        self, method: str, path: str, query: str | None, headers: list[tuple[str, str]], body: bytes
     ) -> Answer:
         # Path and query were validated as plain RFC 3986 text: sent exactly as received.
         target = self._prefix + path if query is None else f"{self._prefix}{path}?{query}"
         try:
-            answer = await self._client.request(method, target, headers.items(), body)
+            answer = await self._client.request(method, target, headers, body)
         except TimeoutError:
             raise Rejected(Reason.UPSTREAM_TIMEOUT) from None
         except UPSTREAM_FAILURES:
