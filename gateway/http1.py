@@ -233,6 +233,13 @@ class Client:
             async with asyncio.timeout_at(deadline):
                 connection.writer.write(encode_request(method, target, self._host, headers, body))
                 status, answer_headers, framing, keep_alive = await self._head(connection, method)
+                if framing.kind == "none" or (
+                    framing.kind == "length" and framing.length <= self._buffer
+                ):
+                    # The usual small answer: one read, no generator.
+                    whole = await connection.reader.readexactly(framing.length)
+                    self._pool.release(connection, reusable=keep_alive)
+                    return Answer(status, answer_headers, whole, None)
                 pieces = _body(connection.reader, framing)
                 buffered = bytearray()
                 complete = True
