@@ -194,9 +194,6 @@ class Upstream:
         )
         self._client = Client(self._pool, host_header, settings.timeout_seconds, self.BUFFER_BYTES)
 
-    async def start(self) -> None:
-        """Connections open on first use; nothing to do before serving."""
-
     async def close(self) -> None:
         await self._pool.close()
 

@@ -147,7 +147,6 @@ class GatewayServer:
             self._public_socket = bind(settings.listen, reuse_port=True)
         if self._admin_socket is None:
             self._admin_socket = bind(settings.admin_listen, reuse_port=False)
-        await self.gateway.upstream.start()
         self.gateway.access_log.start()
         header_room = settings.limits.max_token_bytes + 1024
         server = ContractServer(
@@ -212,7 +211,6 @@ class GatewayServer:
         retired: list[Upstream | FailureCounter] = []
         if new.upstream != old.upstream:
             upstream = Upstream(new.upstream)
-            await upstream.start()
             retired.append(self.gateway.upstream)
             self.gateway.upstream = upstream
         counter_settings = new.failure_counter.model_copy(update={"threshold": 0})
