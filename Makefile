@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint typecheck format check-config bench clean
+.PHONY: run test lint typecheck format check-config bench fuzz-deep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ format: $(STAMP)
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
+
+# The hypothesis properties with thousands of examples each (a few minutes); `make test` runs
+# the fast profile.
+fuzz-deep: $(STAMP)
+	GATEWAY_FUZZ=deep $(BIN)/pytest tests/test_fuzz.py -p no:cacheprovider
 
 check-config: $(STAMP) config/keys/demo.public.pem
 	$(BIN)/gateway check-config -c $(CONFIG)

@@ -513,7 +513,7 @@ class Gateway:
             Reason.HTTP_MALFORMED,
             Reason.BODY_TIMEOUT,
         ):
-            response.force_close()  # the rest of the body, if any, is never read
+            response.force_close()  # the rest of the body is not processed, only drained briefly
         return response
 
     @staticmethod

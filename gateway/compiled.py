@@ -177,12 +177,11 @@ def _read_pem(loaded: LoadedConfig, pem: str | None, pem_file: str | None) -> st
     if pem is not None:
         return pem
     assert pem_file is not None
-    path = (loaded.base_dir / pem_file).resolve()
     try:
-        return path.read_text(encoding="ascii")
+        return (loaded.base_dir / pem_file).resolve().read_text(encoding="ascii")
     except FileNotFoundError:
         raise KeyProblem(f"{pem_file}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL in the path
         raise KeyProblem(f"{pem_file}: cannot read ({exc})") from None
 
 
@@ -237,8 +236,9 @@ def _jwks_file_keys(
     except FileNotFoundError:
         problems.append(Problem(where, f"{settings.jwks_file}: no such file"))
         return []
-    except OSError as exc:
-        problems.append(Problem(where, f"{settings.jwks_file}: cannot read ({exc.strerror})"))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        problems.append(Problem(where, f"{settings.jwks_file!r}: cannot read ({reason})"))
         return []
     try:
         keys = parse_jwks(data, allowed, allow_secrets=True)

@@ -174,6 +174,9 @@ class LimitsSettings(_Settings):
     max_decompressed_bytes: Annotated[int, Field(ge=1)] = 8_388_608
     max_token_bytes: Annotated[int, Field(ge=256, le=65_536)] = 8192
     body_timeout_seconds: PositiveSeconds = 30.0
+    # A connection without a complete request head for this long is closed: idle keep-alive
+    # and slow headers (slowloris) alike. Keep it above any load balancer's idle timeout.
+    idle_timeout_seconds: PositiveSeconds = 75.0
 
 
 class ShutdownSettings(_Settings):

@@ -141,8 +141,9 @@ def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
             for node in current:
                 if not isinstance(node, dict):
                     raise Rejected(Reason.IDENTITY_NOT_OBJECT)
-                if len(node) > 1 and any(k != step and k.lower() == folded for k in node):
-                    # A case-insensitive upstream could read the other spelling.
+                if any(k != step and k.lower() == folded for k in node):
+                    # A case-insensitive upstream could read this spelling as ours, alone
+                    # or beside ours: either way, one request with two readings.
                     raise Rejected(Reason.CASE_VARIANT_KEY)
                 value = node.get(step, _ABSENT)
                 if value is not _ABSENT:

@@ -154,6 +154,8 @@ class GatewayServer:
             self.gateway.protocol_error,
             max_field_size=max(8190, header_room),
             max_line_size=max(8190, header_room),
+            keepalive_timeout=settings.limits.idle_timeout_seconds,
+            lingering_time=2.0,  # how long a refused body is drained before the connection closes
         )
         self._public = web.ServerRunner(server, shutdown_timeout=settings.shutdown.grace_seconds)
         await self._public.setup()

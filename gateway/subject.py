@@ -23,16 +23,23 @@ from gateway.reasons import Reason, Rejected
 Identity = str | Mapping[str, str]
 
 _PRINTABLE = re.compile(r"[ -$&-~]*")
+# What a token may name as a user: the same text a request may name (no control characters, no
+# lone surrogates), so every verified user can be compared and forwarded exactly.
+_SUBJECT_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
 def header_safe(user: str) -> str:
-    """Percent-encode (as UTF-8) every byte outside printable ASCII, and `%` itself."""
-    if _PRINTABLE.fullmatch(user):
+    """Percent-encode (as UTF-8) every byte outside printable ASCII, and `%` itself; spaces at
+    either end too, since HTTP parsers strip them and the user would arrive changed."""
+    if _PRINTABLE.fullmatch(user) and user[:1] != " " and user[-1:] != " ":
         return user
-    return "".join(
+    encoded = "".join(
         c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())
         for c in user
     )
+    stripped = encoded.strip(" ")
+    start = encoded.index(stripped) if stripped else len(encoded)
+    return "%20" * start + stripped + "%20" * (len(encoded) - start - len(stripped))
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +57,7 @@ class ScalarSubject:
             if not isinstance(subject, dict) or len(subject) != 2 or subject.get("key") != self.key:
                 raise Rejected(Reason.SUBJECT_INVALID)
             subject = subject.get("value")
-        if not isinstance(subject, str) or not subject:
+        if not isinstance(subject, str) or not _SUBJECT_TEXT.fullmatch(subject):
             raise Rejected(Reason.SUBJECT_INVALID)
         return subject
 
@@ -86,7 +93,7 @@ class IdMapSubject:
         if (
             not isinstance(ids, dict)
             or not ids
-            or not all(isinstance(v, str) and v for v in ids.values())
+            or not all(isinstance(v, str) and _SUBJECT_TEXT.fullmatch(v) for v in ids.values())
         ):
             raise Rejected(Reason.SUBJECT_INVALID)
         return ids

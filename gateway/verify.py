@@ -129,7 +129,9 @@ class TokenVerifier:
         self._clock = clock
 
     def verify(self, token: str) -> VerifiedToken:
-        cache_key = (self.generation, hashlib.sha256(token.encode()).digest())
+        # surrogatepass: a string that is not UTF-8 still hashes; the format check refuses it.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        cache_key = (self.generation, digest)
         cached = self._cache.get(cache_key)
         if cached is not None:
             if self._clock.now() < cached.exp + self.policy.leeway:
