@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint typecheck format check-config bench fuzz-deep clean
+.PHONY: run test lint typecheck format check-config bench fuzz-deep soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ format: $(STAMP)
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench.run
+
+# Minutes of steady mixed, hostile load on a real `gateway run`: memory, descriptors, accounting.
+# SOAK_SECONDS (120 per backend), SOAK_RPS (300), SOAK_BACKENDS (memory,redis).
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak.run
 
 # The hypothesis properties with thousands of examples each (a few minutes); `make test` runs
 # the fast profile.
