@@ -413,7 +413,8 @@ class Gateway:
                 if len(whole) > limits.max_body_bytes:
                     raise Rejected(Reason.BODY_TOO_LARGE)
                 return whole
-        except (HttpProcessingError, RequestPayloadError, ConnectionResetError):
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
+            exc.__traceback__ = None  # see below
             raise Rejected(Reason.HTTP_MALFORMED) from None
         received = bytearray()
         try:
@@ -424,8 +425,10 @@ class Gateway:
                         raise Rejected(Reason.BODY_TOO_LARGE)
         except TimeoutError:
             raise Rejected(Reason.BODY_TIMEOUT) from None
-        except (HttpProcessingError, RequestPayloadError, ConnectionResetError):
-            # A malformed chunked body, or a client gone mid-body: its fault, not ours.
+        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
+            # A malformed chunked body, or a client gone mid-body: its fault, not ours. The
+            # stream keeps the exception, whose traceback holds these frames: cut the cycle.
+            exc.__traceback__ = None
             raise Rejected(Reason.HTTP_MALFORMED) from None
         return bytes(received)
 

@@ -37,6 +37,10 @@ class _ContractRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         reason = Reason.HTTP_MALFORMED if status == 400 else Reason.INTERNAL
+        if exc is not None and reason is Reason.HTTP_MALFORMED:
+            # The traceback's frames point back at the exception: a cycle per refused request
+            # that only the garbage collector would free. Nothing here needs the traceback.
+            exc.__traceback__ = None
         request_id = new_request_id()
         if reason is Reason.INTERNAL:
             log.error(

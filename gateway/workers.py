@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -36,6 +38,7 @@ from gateway.tasks import spawn
 log = logging.getLogger("gateway.workers")
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_SECONDS = 1.0
 
 
@@ -257,8 +260,17 @@ async def supervise(path: Path, count: int) -> int:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+def _exit_with_parent() -> None:
+    """A worker whose supervisor died (even by SIGKILL) gets SIGTERM and drains, rather than
+    keep serving the shared port with a config nobody can reload."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 async def serve_worker(path: Path, admin_port_file: Path) -> None:
     """One worker: the ordinary server, its admin listener on a loopback port for the parent."""
+    _exit_with_parent()
     config = load_config(path, SystemClock())
     logging.getLogger().setLevel(config.settings.log_level.upper())
     server = GatewayServer(config, admin_socket=bind("127.0.0.1:0", reuse_port=False))

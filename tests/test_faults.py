@@ -4,9 +4,10 @@ Every request carries a unique id (`X-Request-Id`, kept and forwarded by the gat
 `event_id` in the JSON body). The upstream here is a small HTTP/1.1 server on a raw asyncio socket
 that records every request it received and every one it ACCEPTED (answered 2xx, completely), and
 that misbehaves on command: stopped (connections refused), resetting mid-answer, hanging,
-flapping. Redis is a real `redis-server` stopped, SIGSTOPped and flapped; the real `gateway run`
-process is reloaded and has its workers SIGKILLed, all under a bounded, paced, concurrent load of
-anonymous, valid-token and refused requests.
+flapping, closing its keep-alive connections, answering errors of its own, answering slowly while
+clients give up. Redis is a real `redis-server` stopped, SIGSTOPped and flapped; the real
+`gateway run` process is reloaded and has its workers SIGKILLed; all under a bounded, paced,
+concurrent load (8 clients) of anonymous, valid-token and refused requests.
 
 For each fault the accounting must hold (SPEC §5 "Nothing accepted is lost"):
 
@@ -35,7 +36,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -94,6 +95,7 @@ class Planned:
     user: str | None
     headers: dict[str, str]
     body: bytes
+    client_timeout: float | None = None  # the client gives up (goes away) after this
 
     @property
     def passes(self) -> bool:
@@ -142,12 +144,15 @@ Action = Literal[
     "answer_close",  # 200 with `Connection: close`, then close
     "answer_fin",  # 200 without saying so, then close (FIN)
     "answer_error",  # 503 of its own (not accepted), keep-alive: relayed unchanged
+    "answer_slow",  # 200 after SLOW_SECONDS
     "reset_before_answer",  # RST once the request is read
     "reset_mid_answer",  # RST after part of a 200
     "hang",  # never answers
 ]
+SLOW_SECONDS = 0.3
 ANSWERS: dict[Action, bytes] = {
     "answer": b"",
+    "answer_slow": b"",
     "answer_close": b"Connection: close\r\n",
     "answer_fin": b"",
 }
@@ -207,6 +212,13 @@ class FaultyUpstream:
                 connection.closing = True
                 connection.writer.close()
 
+    async def quiet(self, seconds: float = 5) -> None:
+        """Wait until no request is being answered (a slow answer still on its way)."""
+        deadline = time.monotonic() + seconds
+        while any(not c.idle for c in self._connections):
+            assert time.monotonic() < deadline, "the upstream is still answering"
+            await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         self.stop()
         for connection in list(self._connections):
@@ -262,6 +274,8 @@ class FaultyUpstream:
         writer = connection.writer
         if action != "answer":
             self.actions[action].add(rid)
+        if action == "answer_slow":
+            await asyncio.sleep(SLOW_SECONDS)  # a slow tracking API, not synchronisation
         if action in ANSWERS:
             payload = json.dumps({"accepted": rid}).encode()
             writer.write(
@@ -271,7 +285,7 @@ class FaultyUpstream:
             )
             await writer.drain()
             self.accepted[rid] += 1  # answered 2xx, completely
-            return action == "answer"
+            return action in ("answer", "answer_slow")
         if action == "answer_error":
             payload = json.dumps({"upstream_error": rid}).encode()
             writer.write(
@@ -464,9 +478,10 @@ class Load:
 
     async def _send(self, session: aiohttp.ClientSession, planned: Planned) -> Outcome:
         started = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=planned.client_timeout or 10)
         try:
             async with session.post(
-                self.url + EVENTS, data=planned.body, headers=planned.headers
+                self.url + EVENTS, data=planned.body, headers=planned.headers, timeout=timeout
             ) as response:
                 body = await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -477,13 +492,18 @@ class Load:
 
 
 async def run_with_faults(
-    load: Load, *faults: Callable[[Load], Coroutine[Any, Any, None]], seconds: float = 20
+    upstream: FaultyUpstream,
+    load: Load,
+    *faults: Callable[[Load], Coroutine[Any, Any, None]],
+    seconds: float = 20,
 ) -> list[Outcome]:
-    """The load and the faults together; the faults pace themselves on the load's progress."""
+    """The load and the faults together (the faults pace themselves on the load's progress),
+    then until the upstream has finished every answer it started."""
     async with asyncio.timeout(seconds), asyncio.TaskGroup() as group:
         running = group.create_task(load.run())
         for fault in faults:
             group.create_task(fault(load))
+    await upstream.quiet()
     return running.result()
 
 
@@ -673,7 +693,7 @@ async def test_upstream_stopped(
         await load.reached(240)
         await faulty.start()
 
-    outcomes = await run_with_faults(load, stop_then_start)
+    outcomes = await run_with_faults(faulty, load, stop_then_start)
     tally = settle(
         account("upstream stopped", outcomes, faulty, Expect(frozenset({200, 502}))), report
     )
@@ -694,7 +714,7 @@ async def test_upstream_resets_mid_answer(
         "reset_mid_answer" if seq % 4 == 1 else "reset_before_answer" if seq % 4 == 3 else "answer"
     )
     outcomes = await run_with_faults(
-        Load(faulty_gateway.url, make_plan("reset", 300, tokens, key_b))
+        faulty, Load(faulty_gateway.url, make_plan("reset", 300, tokens, key_b))
     )
     broken = {rid: 502 for rid in faulty.actions["reset_mid_answer"]}
     broken |= {rid: 502 for rid in faulty.actions["reset_before_answer"]}
@@ -718,7 +738,7 @@ async def test_upstream_hangs(
     """Every sixth request is never answered: 504 after upstream.timeout_seconds (0.5 s)."""
     faulty.decide = lambda seq, rid: "hang" if seq % 6 == 5 else "answer"
     outcomes = await run_with_faults(
-        Load(faulty_gateway.url, make_plan("hang", 240, tokens, key_b))
+        faulty, Load(faulty_gateway.url, make_plan("hang", 240, tokens, key_b))
     )
     broken = dict.fromkeys(faulty.actions["hang"], 504)
     tally = account("upstream hangs", outcomes, faulty, Expect(frozenset({200}), broken=broken))
@@ -741,7 +761,7 @@ async def test_upstream_closes_and_errors(
     actions: tuple[Action, ...] = ("answer", "answer_close", "answer", "answer_fin")
     faulty.decide = lambda seq, rid: "answer_error" if seq % 5 == 4 else actions[seq % 4]
     outcomes = await run_with_faults(
-        Load(faulty_gateway.url, make_plan("closes", 300, tokens, key_b))
+        faulty, Load(faulty_gateway.url, make_plan("closes", 300, tokens, key_b))
     )
     broken = dict.fromkeys(faulty.actions["answer_error"], 503)
     tally = account("upstream closes", outcomes, faulty, Expect(frozenset({200}), broken=broken))
@@ -752,6 +772,30 @@ async def test_upstream_closes_and_errors(
     }
     settle(tally, report)
     assert tally.refusals["503 RELAYED"] == len(broken) >= 30, tally.line()
+
+
+async def test_clients_go_away(
+    faulty: FaultyUpstream,
+    faulty_gateway: RunningGateway,
+    tokens: Tokens,
+    key_b: KeyPair,
+    report: Report,
+) -> None:
+    """Every fifth request gives up after 0.1 s while the upstream takes 0.3 s to accept it:
+    the one case (b) allows, an accepted request whose client never saw the 2xx. The gateway
+    still forwards it exactly once and serves everyone else."""
+    plan = make_plan("gone", 300, tokens, key_b)
+    plan = [replace(p, client_timeout=0.1) if n % 5 == 0 else p for n, p in enumerate(plan)]
+    leaving = {p.rid for p in plan if p.client_timeout is not None and p.passes}
+    faulty.decide = lambda seq, rid: "answer_slow" if rid in leaving else "answer"
+    outcomes = await run_with_faults(faulty, Load(faulty_gateway.url, plan))
+    expect = Expect(frozenset({200, None}), refused=frozenset({401, 429}))
+    tally = account("clients go away", outcomes, faulty, expect)
+    tally.notes = {"clients_leaving": len(leaving)}
+    settle(tally, report)
+    gone = {o.request.rid for o in outcomes if o.status is None}
+    assert gone == leaving, tally.line()
+    assert tally.gone_after_accept == len(leaving) >= 30, tally.line()
 
 
 async def test_upstream_flaps(
@@ -778,7 +822,7 @@ async def test_upstream_flaps(
             mark += 30
         await faulty.start()
 
-    outcomes = await run_with_faults(load, flap)
+    outcomes = await run_with_faults(faulty, load, flap)
     tally = account("upstream flapping", outcomes, faulty, Expect(frozenset({200, 502})))
     tally.notes = {"flips": flips}
     settle(tally, report)
@@ -865,7 +909,7 @@ async def test_redis_down(
     decided as usual; once back, the counter counts again."""
     await asyncio.to_thread(redis_server.stop)
     outcomes = await run_with_faults(
-        Load(redis_gateway.url, make_plan("redis-down", 300, tokens, key_b))
+        faulty, Load(redis_gateway.url, make_plan("redis-down", 300, tokens, key_b))
     )
     tally = account(
         "redis down", outcomes, faulty, Expect(frozenset({200}), refused=frozenset({401}))
@@ -893,7 +937,7 @@ async def test_redis_hung(
     redis_server.pause()
     try:
         outcomes = await run_with_faults(
-            Load(redis_gateway.url, make_plan("redis-hung", 300, tokens, key_b))
+            faulty, Load(redis_gateway.url, make_plan("redis-hung", 300, tokens, key_b))
         )
     finally:
         redis_server.resume()
@@ -944,7 +988,7 @@ async def test_redis_flaps(
             await asyncio.to_thread(redis_server.start)
         redis_server.resume()
 
-    outcomes = await run_with_faults(load, flap)
+    outcomes = await run_with_faults(faulty, load, flap)
     tally = account("redis flapping", outcomes, faulty, Expect(frozenset({200})))
     took = await counting_again(redis_gateway, "after-flap", tokens)
     tally.notes = {"transitions": len(steps), "429_after_recovery_at": took}
@@ -1072,7 +1116,7 @@ async def test_reloads_under_load(
                             assert response.status == 200, await response.text()
                         reloads.append("POST")
 
-        outcomes = await run_with_faults(load, reload)
+        outcomes = await run_with_faults(faulty, load, reload)
 
         async def all_applied() -> bool:
             applied = await metric_sum(
@@ -1122,7 +1166,7 @@ async def test_worker_killed_under_load(
 
                 await eventually(replaced, "the killed worker to be replaced")
 
-        outcomes = await run_with_faults(load, kill_each, seconds=30)
+        outcomes = await run_with_faults(faulty, load, kill_each, seconds=30)
         passing = frozenset({200, None})
         tally = account(
             "worker killed",

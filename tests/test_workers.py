@@ -4,6 +4,7 @@ killed worker replaced, SIGTERM drains them all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -83,11 +84,13 @@ async def two_workers(
         await eventually(ready, "both workers ready")
         yield running
     finally:
+        workers = children_of(process.pid)  # before the parent goes: then they are orphans
         if process.returncode is None:
             process.kill()
             await process.wait()
-        for child in children_of(process.pid):
-            os.kill(child, signal.SIGKILL)
+        for child in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         log_file.close()
 
 
@@ -175,3 +178,15 @@ async def test_a_killed_worker_is_replaced_and_sigterm_stops_all(
     async with asyncio.timeout(30):
         assert await two_workers.process.wait() == 0
     assert not any(alive(pid) for pid in survivors)
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(two_workers: Running) -> None:
+    workers = children_of(two_workers.process.pid)
+    assert len(workers) == 2
+    two_workers.process.kill()
+    await two_workers.process.wait()
+
+    async def gone() -> bool:
+        return not any(alive(pid) for pid in workers)
+
+    await eventually(gone, "orphaned workers to exit")
