@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from gateway.body import check_media_type, content_coding, decompress, parse_json_body
 from gateway.clock import Clock
-from gateway.compiled import CompiledConfig, Project, ProjectFixed, ProjectFromHeader, Route
+from gateway.compiled import CompiledConfig
 from gateway.config import LimitsSettings
 from gateway.counters import FailureCounter, SessionKey, session_key
 from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
@@ -37,6 +37,7 @@ from gateway.http1 import UPSTREAM_FAILURES
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog, utc_timestamp
 from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
+from gateway.projects import Project
 from gateway.proxy import (
     Forwarding,
     Upstream,
@@ -47,6 +48,7 @@ from gateway.proxy import (
     strip_query,
 )
 from gateway.reasons import Code, Reason, Rejected
+from gateway.route_table import ProjectFixed, ProjectFromHeader, Route
 from gateway.routes import MethodNotAllowed, Target, parse_target
 from gateway.subject import identity_key
 

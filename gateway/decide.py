@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from gateway.compiled import API_KEY_SOURCE, Project, Route
 from gateway.extract import FoundToken, RequestParts, extract_session, extract_token
+from gateway.projects import Project
 from gateway.reasons import Reason, Rejected
+from gateway.route_table import API_KEY_SOURCE, Route
 from gateway.subject import Identity
 from gateway.verify import VerifiedToken
 
