@@ -67,6 +67,14 @@ _REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across 
 _request_numbers = itertools.count()
 
 
+def _loggable_path(raw: str, exchange: Exchange) -> str | None:
+    """The path without its query, cut short where it matched no route: a token pasted into
+    a path must not reach the log whole (32 characters never reach a JWT's claims)."""
+    if not exchange.parsed:
+        return None
+    return raw.partition("?")[0][: 128 if exchange.route else 32]
+
+
 def new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
 
@@ -560,7 +568,7 @@ class Gateway:
                 "route": route.name if route else "_none",
                 "project": project.label if project else None,
                 "method": request.method if exchange.parsed else None,
-                "path": request.raw_path.partition("?")[0][:512] if exchange.parsed else None,
+                "path": _loggable_path(request.raw_path, exchange),
                 "status": status,
                 "mode": exchange.mode,
                 "decision": exchange.decision,

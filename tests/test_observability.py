@@ -112,6 +112,8 @@ async def test_no_token_secret_or_api_key_reaches_any_log(
             )
             raw_exchange(port, smuggling.encode())
             raw_exchange(port, f"GET /{token}\x01 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            async with http.get(f"http://127.0.0.1:{port}/{token}") as response:
+                assert response.status == 404  # a token pasted into a path
         # A reload whose problems would quote the secret if problems echoed values.
         broken = yaml.safe_load(path.read_text())
         broken["projects"]["app"]["keys"][1] = {"id": "hmac", "secret": SECRET, "pem": "x"}
@@ -126,7 +128,7 @@ async def test_no_token_secret_or_api_key_reaches_any_log(
             assert await process.wait() == 0
     logs = stdout.read_text() + stderr.read_text()
     access = [json.loads(line) for line in stdout.read_text().splitlines() if line]
-    assert len(access) == 24  # every request was logged, the unparsable ones too ...
+    assert len(access) == 28  # every request was logged, the unparsable ones too ...
     assert sum(1 for record in access if record["reason"] == "http_malformed") == 8
     assert any(record["token_sha256"] for record in access)  # ... tokens only as fingerprints
     for secret in (SECRET, API_KEY, *tokens.values()):
