@@ -10,10 +10,10 @@ Content-Length, a length next to chunked framing, malformed chunks) as a broken 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from gateway.reasons import Reason, Rejected
 
@@ -34,17 +34,102 @@ UPSTREAM_FAILURES = (
 )
 
 
-@dataclass(slots=True)
-class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+class _Connection(asyncio.Protocol):
+    """One upstream connection: bytes land in a buffer, and a reader waits at most once per
+    segment that arrives (asyncio streams cost a future and a callback per read)."""
+
+    READ_PAUSE_BYTES = 4 << 20  # stop reading from the socket past this much unconsumed
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) > self.READ_PAUSE_BYTES and self.transport is not None:
+            self.transport.pause_reading()
+            self._paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def _more(self, wanted: int) -> None:
+        if self._eof:
+            raise asyncio.IncompleteReadError(bytes(self._buffer), wanted)
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _take(self, size: int) -> bytes:
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return taken
+
+    async def read_until(self, separator: bytes, limit: int) -> bytes:
+        start = 0
+        while (found := self._buffer.find(separator, start)) < 0:
+            if len(self._buffer) > limit:
+                raise UpstreamBroken("head too large")
+            start = max(0, len(self._buffer) - len(separator) + 1)
+            await self._more(limit)
+        return self._take(found + len(separator))
+
+    async def read_exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            await self._more(size)
+        return self._take(size)
+
+    async def read_some(self, most: int) -> bytes:
+        """Up to `most` bytes; b"" only at the end of the stream."""
+        while not self._buffer:
+            if self._eof:
+                return b""
+            await self._more(1)
+        return self._take(most)
+
+    # --- the pool's view -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
     def usable(self) -> bool:
-        """An idle connection the upstream closed meanwhile is not reused."""
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        """An idle connection the upstream closed (or sent stray bytes on) is not reused."""
+        return (
+            self.transport is not None
+            and not self.transport.is_closing()
+            and not self._eof
+            and not self._buffer
+        )
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
 
 class ConnectionPool:
@@ -73,14 +158,14 @@ class ConnectionPool:
         self._open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    self._host, self._port, limit=MAX_HEAD_BYTES
+                _, connection = await asyncio.get_running_loop().create_connection(
+                    _Connection, self._host, self._port
                 )
         except (OSError, TimeoutError):
             self._open -= 1
             self._wake()
             raise Rejected(Reason.UPSTREAM_CONNECT) from None
-        return _Connection(reader, writer)
+        return connection
 
     def release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and connection.usable():
@@ -103,11 +188,9 @@ class ConnectionPool:
 
     async def close(self) -> None:
         while self._idle:
-            connection = self._idle.pop()
-            connection.close()
-            with contextlib.suppress(OSError):
-                await connection.writer.wait_closed()
+            self._idle.pop().close()
         self._open = 0
+        await asyncio.sleep(0)  # let the transports finish closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +260,9 @@ def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[str, str]], F
     return status, headers, Framing("close"), False
 
 
-async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+async def _chunks(reader: _Connection) -> AsyncIterator[bytes]:
     while True:
-        size_line = await reader.readuntil(b"\r\n")
+        size_line = await reader.read_until(b"\r\n", MAX_HEAD_BYTES)
         size_text = size_line[:-2].split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
@@ -188,19 +271,19 @@ async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
         if size_text[:1] in (b"+", b"-") or size < 0:
             raise UpstreamBroken("chunk size")
         if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, dropped
+            while await reader.read_until(b"\r\n", MAX_HEAD_BYTES) != b"\r\n":  # trailers, dropped
                 pass
             return
-        yield await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
+        yield await reader.read_exactly(size)
+        if await reader.read_exactly(2) != b"\r\n":
             raise UpstreamBroken("chunk end")
 
 
-async def _body(reader: asyncio.StreamReader, framing: Framing) -> AsyncIterator[bytes]:
+async def _body(reader: _Connection, framing: Framing) -> AsyncIterator[bytes]:
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
-            piece = await reader.read(min(remaining, 1 << 16))
+            piece = await reader.read_some(min(remaining, 1 << 16))
             if not piece:
                 raise UpstreamBroken("body shorter than Content-Length")
             remaining -= len(piece)
@@ -209,7 +292,7 @@ async def _body(reader: asyncio.StreamReader, framing: Framing) -> AsyncIterator
         async for piece in _chunks(reader):
             yield piece
     elif framing.kind == "close":
-        while piece := await reader.read(1 << 16):
+        while piece := await reader.read_some(1 << 16):
             yield piece
 
 
@@ -231,16 +314,16 @@ class Client:
         connection = await self._pool.acquire()
         try:
             async with asyncio.timeout_at(deadline):
-                connection.writer.write(encode_request(method, target, self._host, headers, body))
+                connection.write(encode_request(method, target, self._host, headers, body))
                 status, answer_headers, framing, keep_alive = await self._head(connection, method)
                 if framing.kind == "none" or (
                     framing.kind == "length" and framing.length <= self._buffer
                 ):
                     # The usual small answer: one read, no generator.
-                    whole = await connection.reader.readexactly(framing.length)
+                    whole = await connection.read_exactly(framing.length)
                     self._pool.release(connection, reusable=keep_alive)
                     return Answer(status, answer_headers, whole, None)
-                pieces = _body(connection.reader, framing)
+                pieces = _body(connection, framing)
                 buffered = bytearray()
                 complete = True
                 async for piece in pieces:
@@ -261,10 +344,7 @@ class Client:
         self, connection: _Connection, method: str
     ) -> tuple[int, list[tuple[str, str]], Framing, bool]:
         while True:
-            try:
-                head = await connection.reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                raise UpstreamBroken("head too large") from None
+            head = await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
             status, headers, framing, keep_alive = _parse_head(head, method)
             if status == 101:
                 raise UpstreamBroken("protocol switch")

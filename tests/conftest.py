@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import uvloop
 import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
@@ -33,6 +34,13 @@ from gateway.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
 from gateway.server import GatewayServer
 
 NOW = 1_900_000_000.0  # the tests' "now": a fixed instant, moved explicitly
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop `gateway run` uses: uvloop's transports differ from asyncio's in small ways."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 # --- keys --------------------------------------------------------------------------------------
