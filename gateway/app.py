@@ -11,7 +11,6 @@ order, and turns their results into a response and an access-log record.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import math
 import os
@@ -233,9 +232,8 @@ class Gateway:
                 # The kid may be in the key set we could never read: our fault, not the token's.
                 checked.failure = Reason.KEYS_UNAVAILABLE
         status, attempt, failure = checked.status, checked.attempt, checked.failure
-        if attempt.token is not None and self.access_log.enabled:
-            digest = hashlib.sha256(attempt.token.token.encode()).hexdigest()
-            exchange.token_fingerprint = digest[:12]
+        if attempt.token is not None:
+            exchange.token_fingerprint = attempt.token.digest[:6].hex()
 
         exchange.client = self._client(request, config)
         if failure is not None:

@@ -59,7 +59,7 @@ def authenticate(
         raise Rejected(Reason.TOKEN_MISSING)
     if project.verifier is None:
         raise Rejected(Reason.KEYS_UNAVAILABLE)
-    verified = project.verifier.verify(attempt.token.token)
+    verified = project.verifier.verify(attempt.token.token, attempt.token.digest)
     if attempt.identity is not None and not project.subject.authorises(
         attempt.identity, verified.user
     ):

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from gateway.reasons import Reason, Rejected
+from gateway.verify import token_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +216,7 @@ def _token_from_header(value: str, scheme: str | None) -> str | None:
 class FoundToken:
     token: str
     sources: tuple[Source, ...]  # every place it was found, so it can be stripped from each
+    digest: bytes  # `token_digest`, computed once for the cache and the log
 
 
 def extract_token(
@@ -242,7 +244,7 @@ def extract_token(
         return None
     if len(token) > max_bytes:
         raise Rejected(Reason.TOKEN_TOO_LARGE)
-    return FoundToken(token, tuple(found_in))
+    return FoundToken(token, tuple(found_in), token_digest(token))
 
 
 MAX_SESSION_ID_BYTES = 128

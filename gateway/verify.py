@@ -62,6 +62,12 @@ def _numeric_date(value: Any) -> bool:
     return type(value) in (int, float) and 0 <= value < _MAX_NUMERIC_DATE
 
 
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token: its cache key, and (cut short) its fingerprint in the access log.
+    surrogatepass: a string that is not UTF-8 still hashes; the format check refuses it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 class TokenCache:
     """Verified tokens by (verifier generation, SHA-256 of the token); bounded, oldest out first.
 
@@ -128,10 +134,9 @@ class TokenVerifier:
         self._cache = cache
         self._clock = clock
 
-    def verify(self, token: str) -> VerifiedToken:
-        # surrogatepass: a string that is not UTF-8 still hashes; the format check refuses it.
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        cache_key = (self.generation, digest)
+    def verify(self, token: str, digest: bytes | None = None) -> VerifiedToken:
+        """`digest`: the token's `token_digest`, when the caller already has it."""
+        cache_key = (self.generation, digest or token_digest(token))
         cached = self._cache.get(cache_key)
         if cached is not None:
             if self._clock.now() < cached.exp + self.policy.leeway:

@@ -295,3 +295,29 @@ async def test_reload_under_load_fails_no_request(
     gateway.process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(20):
         assert await gateway.process.wait() == 0
+
+
+async def test_request_after_the_listener_closed_is_shutting_down(
+    gateway: RunningGateway, upstream: Upstream
+) -> None:
+    # A keep-alive connection that sends another request once the drain has closed the
+    # listener: answered 503 SHUTTING_DOWN on a closing connection, never forwarded.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        request = f"POST {EVENTS} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}".encode()
+        writer.write(request)
+        first = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200")
+        length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        gateway.server.gateway.stopping = True  # what stop() sets as it closes the listener
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        assert head.startswith("HTTP/1.1 503")
+        assert "Connection: close" in head
+        length = int(head.lower().split("content-length: ")[1].split("\r\n")[0])
+        body = json.loads(await reader.readexactly(length))
+        assert body["error"]["code"] == "SHUTTING_DOWN"
+        assert len(upstream.received) == 1
+    finally:
+        writer.close()
