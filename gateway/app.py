@@ -1,4 +1,4 @@
-"""The pipeline, in the contract's order, and the only module that speaks aiohttp end to end.
+"""The pipeline, in the contract's order: from a parsed request to its answer.
 
     path (400) → route (404/405) → project → size (413) → encoding (415) → api_key (401)
     → identity, session, token (400/401) → keys (503) → signature, claims, subject (401)
@@ -10,19 +10,11 @@ order, and turns their results into a response and an access-log record.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import math
-import os
 import re
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDict
 
 from gateway.body import check_media_type, content_coding, decompress, parse_json_body
 from gateway.clock import Clock
@@ -35,6 +27,7 @@ from gateway.extract import RequestParts, collect_headers, parse_query
 from gateway.http1 import UPSTREAM_FAILURES
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog, utc_timestamp
+from gateway.messages import Request, Response, http_date, new_request_id
 from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
 from gateway.projects import Project
 from gateway.proxy import (
@@ -62,20 +55,12 @@ UPSTREAM_RETRY_AFTER_SECONDS = 1
 KEYS_RETRY_AFTER_SECONDS = 5
 
 
-_REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
-_request_numbers = itertools.count()
-
-
 def _loggable_path(raw: str, exchange: Exchange) -> str | None:
     """The path without its query, cut short where it matched no route: a token pasted into
     a path must not reach the log whole (32 characters never reach a JWT's claims)."""
     if not exchange.parsed:
         return None
     return raw.partition("?")[0][: 128 if exchange.route else 32]
-
-
-def new_request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
 
 
 @dataclass(slots=True)
@@ -142,15 +127,16 @@ class Gateway:
             self.counter.backend,
         )
         self.config = config
+        self.limits = config.settings.limits
         self.jwks.watch(
             {p.label: p.keys for p in (*config.projects.values(), config.other_projects)}
         )
 
     # --- the handler ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
-        incoming_id = request.headers.get("X-Request-Id")
+        incoming_id = request.header("x-request-id")
         exchange = Exchange(
             incoming_id
             if incoming_id is not None and _REQUEST_ID.fullmatch(incoming_id)
@@ -171,17 +157,19 @@ class Gateway:
         finally:
             in_flight.dec()
         self._observe(bound, exchange, response.status, started)
-        self._log(request, exchange, response.status, started)
+        self._log(
+            request.method, request.raw_path, request.remote, exchange, response.status, started
+        )
         return response
 
     def protocol_error(
-        self, request: web.BaseRequest, reason: Reason, request_id: str, status: int
+        self, remote: str | None, reason: Reason, request_id: str, status: int
     ) -> None:
         """A request the HTTP parser refused before any handler ran: counted and logged too."""
         exchange = Exchange(request_id, reason=reason, parsed=False)
         started = time.perf_counter()
         self._observe(self.bound, exchange, status, started)
-        self._log(request, exchange, status, started)
+        self._log(None, "", remote, exchange, status, started)
 
     def _observe(
         self, bound: BoundMetrics, exchange: Exchange, status: int, started: float
@@ -200,11 +188,11 @@ class Gateway:
 
     async def _process(
         self,
-        request: web.BaseRequest,
+        request: Request,
         config: CompiledConfig,
         bound: BoundMetrics,
         exchange: Exchange,
-    ) -> web.StreamResponse:
+    ) -> Response:
         if self.stopping:
             raise Rejected(Reason.SHUTTING_DOWN)
         target = parse_target(request.raw_path)
@@ -213,7 +201,7 @@ class Gateway:
         route, params = config.router.match(request.method, target.path)
         exchange.route = route
         if route.cors is not None:
-            exchange.cors_headers = route.cors.answer_headers(request.headers.get("Origin"))
+            exchange.cors_headers = route.cors.answer_headers(request.header("origin"))
         parts = RequestParts(collect_headers(request.raw_headers, route.watched_headers), {})
         project = self._resolve_project(config, route, params, parts, exchange)
         limits = config.settings.limits
@@ -265,7 +253,7 @@ class Gateway:
 
     def _check(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: Route,
         project: Project,
         parts: RequestParts,
@@ -302,7 +290,7 @@ class Gateway:
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         config: CompiledConfig,
         bound: BoundMetrics,
         target: Target,
@@ -311,7 +299,7 @@ class Gateway:
         attempt: Attempt,
         body: bytes,
         decoded: bool,
-    ) -> web.StreamResponse:
+    ) -> Response:
         route, project = exchange.route, exchange.project
         assert route is not None
         assert project is not None
@@ -341,41 +329,36 @@ class Gateway:
         finally:
             bound.upstream_duration[route.name].observe(time.perf_counter() - sent)
         exchange.upstream_status = answer.status
-        headers = response_headers(answer.headers)
-        headers["X-Request-Id"] = exchange.request_id
+        owned = [("X-Request-Id", exchange.request_id)]
         if exchange.cors_headers:
-            headers.update(exchange.cors_headers)
+            owned += exchange.cors_headers.items()
         if verified is not None:
             expires_in = verified.exp - self.clock.now()
             if expires_in <= project.expiry_warning_seconds:
-                headers["X-Auth-Warning"] = "TOKEN_ABOUT_TO_EXPIRE"
-                headers["X-Auth-Token-Expires-In"] = str(max(0, math.floor(expires_in)))
-        if answer.rest is None:
-            return web.Response(status=answer.status, headers=headers, body=answer.body)
-        return await self._stream(
-            request, exchange, answer.status, headers, answer.body, answer.rest
-        )
+                owned.append(("X-Auth-Warning", "TOKEN_ABOUT_TO_EXPIRE"))
+                owned.append(("X-Auth-Token-Expires-In", str(max(0, math.floor(expires_in)))))
+        response = Response(answer.status, response_headers(answer.headers, owned), answer.body)
+        if answer.rest is not None:
+            await self._stream(request, exchange, response, answer.rest)
+        return response
 
-    # --- stages that need the aiohttp request --------------------------------------------------
+    # --- stages that read the request's headers ------------------------------------------------
 
     @staticmethod
-    def _preflight(
-        request: web.BaseRequest, config: CompiledConfig, target: Target
-    ) -> web.Response | None:
+    def _preflight(request: Request, config: CompiledConfig, target: Target) -> Response | None:
         """A CORS preflight from a listed origin, answered without auth; anything else that
         uses OPTIONS is routed like any other method."""
         found = config.router.first_for_path(target.path)
-        origin = request.headers.get("Origin")
+        origin = request.header("origin")
         if found is None or found[0].cors is None or origin is None:
             return None
         route = found[0]
         assert route.cors is not None
-        if (
-            origin not in route.cors.origins
-            or "Access-Control-Request-Method" not in request.headers
+        if origin not in route.cors.origins or not request.header_values(
+            "access-control-request-method"
         ):
             return None
-        return web.Response(status=204, headers=route.cors.preflight_headers(origin))
+        return Response(204, [*route.cors.preflight_headers(origin).items(), http_date()])
 
     @staticmethod
     def _resolve_project(
@@ -402,61 +385,26 @@ class Gateway:
         return project
 
     @staticmethod
-    async def _read_body(request: web.BaseRequest, limits: LimitsSettings) -> bytes:
+    async def _read_body(request: Request, limits: LimitsSettings) -> bytes:
         declared = request.content_length
         if declared is not None and declared > limits.max_body_bytes:
             raise Rejected(Reason.BODY_TOO_LARGE)  # before `100 Continue`: nothing is sent
-        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
-            1,
-            1,
-        ):
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-        if not request.body_exists:
-            return b""
-        content = request.content
-        try:
-            if content.is_eof():  # the usual small event: it came with the headers
-                whole = content.read_nowait()
-                if len(whole) > limits.max_body_bytes:
-                    raise Rejected(Reason.BODY_TOO_LARGE)
-                return whole
-        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
-            exc.__traceback__ = None  # see below
-            raise Rejected(Reason.HTTP_MALFORMED) from None
-        received = bytearray()
-        try:
-            async with asyncio.timeout(limits.body_timeout_seconds):
-                while chunk := await request.content.readany():
-                    received += chunk
-                    if len(received) > limits.max_body_bytes:
-                        raise Rejected(Reason.BODY_TOO_LARGE)
-        except TimeoutError:
-            raise Rejected(Reason.BODY_TIMEOUT) from None
-        except (HttpProcessingError, RequestPayloadError, ConnectionResetError) as exc:
-            # A malformed chunked body, or a client gone mid-body: its fault, not ours. The
-            # stream keeps the exception, whose traceback holds these frames: cut the cycle.
-            exc.__traceback__ = None
-            raise Rejected(Reason.HTTP_MALFORMED) from None
-        return bytes(received)
+        return await request.body(limits.body_timeout_seconds)
 
     @staticmethod
-    def _decode_body(
-        request: web.BaseRequest, body: bytes, limits: LimitsSettings
-    ) -> tuple[bytes, bool]:
-        headers = request.headers
-        check_media_type(headers.getall("Content-Type", []))
-        coding = content_coding(headers.getall("Content-Encoding", []))
+    def _decode_body(request: Request, body: bytes, limits: LimitsSettings) -> tuple[bytes, bool]:
+        check_media_type(request.header_values("content-type"))
+        coding = content_coding(request.header_values("content-encoding"))
         if coding is None:
             return body, False
         return decompress(body, coding, limits.max_decompressed_bytes), True
 
     @staticmethod
-    def _client(request: web.BaseRequest, config: CompiledConfig) -> str | None:
+    def _client(request: Request, config: CompiledConfig) -> str | None:
         if not config.trusted_proxies:
             return request.remote
         return client_address(
-            request.remote, request.headers.getall("X-Forwarded-For", []), config.trusted_proxies
+            request.remote, request.header_values("x-forwarded-for"), config.trusted_proxies
         )
 
     # --- the failure counter -------------------------------------------------------------------
@@ -500,7 +448,7 @@ class Gateway:
         limited: bool = False,
         retry_after: int | None = None,
         allow: str | None = None,
-    ) -> web.Response:
+    ) -> Response:
         exchange.reason = reason
         if retry_after is None and reason.code is Code.UPSTREAM_UNAVAILABLE:
             retry_after = UPSTREAM_RETRY_AFTER_SECONDS
@@ -515,46 +463,39 @@ class Gateway:
             retry_after=retry_after,
             allow=allow,
         )
-        headers = CIMultiDict(answer.headers)
-        headers["X-Request-Id"] = exchange.request_id
+        headers = [*answer.headers.items(), ("X-Request-Id", exchange.request_id), http_date()]
         if exchange.cors_headers:
-            headers.update(exchange.cors_headers)
-        response = web.Response(status=answer.status, headers=headers, body=answer.body)
-        if reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
+            headers += exchange.cors_headers.items()
+        # The rest of a refused body is not read, only dropped for a moment before closing.
+        close = reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
             Reason.HTTP_MALFORMED,
             Reason.BODY_TIMEOUT,
-        ):
-            response.force_close()  # the rest of the body is not processed, only drained briefly
-        return response
+        )
+        return Response(answer.status, headers, answer.body, close=close)
 
     @staticmethod
     async def _stream(
-        request: web.BaseRequest,
-        exchange: Exchange,
-        status: int,
-        headers: CIMultiDict[str],
-        head: bytes,
-        rest: AsyncGenerator[bytes, None],
-    ) -> web.StreamResponse:
+        request: Request, exchange: Exchange, response: Response, rest: AsyncGenerator[bytes, None]
+    ) -> None:
         """An answer past the buffer, relayed as it comes. If the upstream breaks now, the
         client's connection is cut, so a truncated body can never look complete."""
-        response = web.StreamResponse(status=status, headers=headers)
         try:
-            await response.prepare(request)
-            await response.write(head)
-            async for chunk in rest:
-                await response.write(chunk)
-            await response.write_eof()
+            await request.channel.stream(response, rest)
         except (*UPSTREAM_FAILURES, TimeoutError):
             exchange.reason = Reason.UPSTREAM_BROKEN
-            if request.transport is not None:
-                request.transport.abort()
+            response.close = True
+            request.channel.abort()
         finally:
             await rest.aclose()  # hands the connection back, or closes it
-        return response
 
     def _log(
-        self, request: web.BaseRequest, exchange: Exchange, status: int, started: float
+        self,
+        method: str | None,
+        raw_path: str,
+        remote: str | None,
+        exchange: Exchange,
+        status: int,
+        started: float,
     ) -> None:
         if not self.access_log.enabled:
             return
@@ -565,8 +506,8 @@ class Gateway:
                 "request_id": exchange.request_id,
                 "route": route.name if route else "_none",
                 "project": project.label if project else None,
-                "method": request.method if exchange.parsed else None,
-                "path": _loggable_path(request.raw_path, exchange),
+                "method": method if exchange.parsed else None,
+                "path": _loggable_path(raw_path, exchange),
                 "status": status,
                 "mode": exchange.mode,
                 "decision": exchange.decision,
@@ -574,7 +515,7 @@ class Gateway:
                 "reason": reason.phrase if reason else None,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "upstream_status": exchange.upstream_status,
-                "client": exchange.client or request.remote,
+                "client": exchange.client or remote,
                 "token_sha256": exchange.token_fingerprint,
             }
         )

@@ -42,10 +42,13 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
         self._buffer = bytearray()
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._timed_out = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -74,15 +77,41 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    # --- the exchange's deadline ---------------------------------------------------------------
+
+    def set_deadline(self, when: float) -> None:
+        """Reads past `when` (loop time) raise TimeoutError. One timer per exchange, where
+        `asyncio.timeout` would also look up the running loop and task on every use."""
+        self.clear_deadline()
+        self._timed_out = False
+        self._deadline = self._loop.call_at(when, self._expire)
+
+    def clear_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        self._timed_out = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    def time(self) -> float:
+        return self._loop.time()
+
     # --- reading -------------------------------------------------------------------------------
 
     async def _more(self, wanted: int) -> None:
+        if self._timed_out:
+            raise TimeoutError
         if self._eof:
             raise asyncio.IncompleteReadError(bytes(self._buffer), wanted)
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         await self._waiter
 
     def _take(self, size: int) -> bytes:
@@ -128,6 +157,7 @@ class _Connection(asyncio.Protocol):
         )
 
     def close(self) -> None:
+        self.clear_deadline()
         if self.transport is not None:
             self.transport.close()
 
@@ -168,6 +198,7 @@ class ConnectionPool:
         return connection
 
     def release(self, connection: _Connection, reusable: bool) -> None:
+        connection.clear_deadline()
         if reusable and connection.usable():
             self._idle.append(connection)
             self._wake()
@@ -309,35 +340,33 @@ class Client:
     async def request(
         self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
     ) -> Answer:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
         connection = await self._pool.acquire()
         try:
-            async with asyncio.timeout_at(deadline):
-                connection.write(encode_request(method, target, self._host, headers, body))
-                status, answer_headers, framing, keep_alive = await self._head(connection, method)
-                if framing.kind == "none" or (
-                    framing.kind == "length" and framing.length <= self._buffer
-                ):
-                    # The usual small answer: one read, no generator.
-                    whole = await connection.read_exactly(framing.length)
-                    self._pool.release(connection, reusable=keep_alive)
-                    return Answer(status, answer_headers, whole, None)
-                pieces = _body(connection, framing)
-                buffered = bytearray()
-                complete = True
-                async for piece in pieces:
-                    buffered += piece
-                    if len(buffered) >= self._buffer:
-                        complete = False
-                        break
+            connection.set_deadline(connection.time() + self._timeout)
+            connection.write(encode_request(method, target, self._host, headers, body))
+            status, answer_headers, framing, keep_alive = await self._head(connection, method)
+            if framing.kind == "none" or (
+                framing.kind == "length" and framing.length <= self._buffer
+            ):
+                # The usual small answer: one read, no generator.
+                whole = await connection.read_exactly(framing.length)
+                self._pool.release(connection, reusable=keep_alive)
+                return Answer(status, answer_headers, whole, None)
+            pieces = _body(connection, framing)
+            buffered = bytearray()
+            complete = True
+            async for piece in pieces:
+                buffered += piece
+                if len(buffered) >= self._buffer:
+                    complete = False
+                    break
         except BaseException:
             self._pool.release(connection, reusable=False)
             raise
         if complete:
             self._pool.release(connection, reusable=keep_alive)
             return Answer(status, answer_headers, bytes(buffered), None)
-        rest = self._rest(connection, pieces, keep_alive, deadline)
+        rest = self._rest(connection, pieces, keep_alive)
         return Answer(status, answer_headers, bytes(buffered), rest)
 
     async def _head(
@@ -356,15 +385,11 @@ class Client:
         connection: _Connection,
         pieces: AsyncIterator[bytes],
         keep_alive: bool,
-        deadline: float,
     ) -> AsyncGenerator[bytes, None]:
+        """The answer past the buffer, still under the exchange's deadline."""
         reusable = False
         try:
-            while True:
-                async with asyncio.timeout_at(deadline):
-                    piece = await anext(pieces, None)
-                if piece is None:
-                    break
+            async for piece in pieces:
                 yield piece
             reusable = keep_alive
         finally:

@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import UpstreamSettings
 from gateway.extract import normalise_header_name
 from gateway.http1 import UPSTREAM_FAILURES, Answer, Client, ConnectionPool
+from gateway.messages import http_date
 from gateway.reasons import Reason, Rejected
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
@@ -164,14 +164,25 @@ def forward_headers(
     return out
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+def response_headers(
+    headers: Iterable[tuple[str, str]], owned: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """The upstream's headers without hop-by-hop ones, with the gateway's `owned` headers in
+    place of any the upstream sent under those names, and a `Date` if the upstream sent none."""
     pairs = list(headers)
     connection_named = _connection_named(v for n, v in pairs if n.lower() == "connection")
-    out: CIMultiDict[str] = CIMultiDict()
+    replaced = {name.lower() for name, _ in owned}
+    out: list[tuple[str, str]] = []
+    dated = False
     for name, value in pairs:
         key = name.lower()
-        if key not in _RESPONSE_DROPPED and key not in connection_named:
-            out.add(name, value)
+        if key in _RESPONSE_DROPPED or key in connection_named or key in replaced:
+            continue
+        dated = dated or key == "date"
+        out.append((name, value))
+    out += owned
+    if not dated:
+        out.append(http_date())
     return out
 
 

@@ -24,7 +24,7 @@ from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.proxy import Upstream
-from gateway.server_protocol import ContractServer
+from gateway.server_protocol import HttpServer
 from gateway.tasks import spawn
 from gateway.verify import TokenCache
 
@@ -111,7 +111,7 @@ class GatewayServer:
         self._retired: list[Upstream | FailureCounter] = []  # replaced by a reload, closing soon
         self._public_socket = public_socket
         self._admin_socket = admin_socket
-        self._public: web.ServerRunner | None = None
+        self._public: HttpServer | None = None
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
 
@@ -148,18 +148,8 @@ class GatewayServer:
         if self._admin_socket is None:
             self._admin_socket = bind(settings.admin_listen, reuse_port=False)
         self.gateway.access_log.start()
-        header_room = settings.limits.max_token_bytes + 1024
-        server = ContractServer(
-            self.gateway.handle,
-            self.gateway.protocol_error,
-            max_field_size=max(8190, header_room),
-            max_line_size=max(8190, header_room),
-            keepalive_timeout=settings.limits.idle_timeout_seconds,
-            lingering_time=2.0,  # how long a refused body is drained before the connection closes
-        )
-        self._public = web.ServerRunner(server, shutdown_timeout=settings.shutdown.grace_seconds)
-        await self._public.setup()
-        await web.SockSite(self._public, self._public_socket).start()
+        self._public = HttpServer(self.gateway, asyncio.get_running_loop())
+        await self._public.start(self._public_socket)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
         await self._admin.setup()
         await web.SockSite(self._admin, self._admin_socket).start()
@@ -249,7 +239,7 @@ class GatewayServer:
         self.draining = True
         if self._public is not None:
             self.gateway.stopping = True
-            await self._public.cleanup()
+            await self._public.close(self.config.settings.shutdown.grace_seconds)
             self._public = None
         if self._admin is not None:
             await self._admin.cleanup()

@@ -1,0 +1,184 @@
+"""One request as the pipeline reads it, and the answer it gives back.
+
+The connection (`server_protocol.py`) fills a `Request` as the parser reads it: the head at
+once, the body as it arrives. The pipeline reads headers by name, waits for the body only when
+it did not come with the head, and returns a `Response` for the connection to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.utils import formatdate
+from enum import Enum
+from typing import Protocol
+
+from gateway.reasons import Reason, Rejected
+
+_REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
+_request_numbers = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
+
+
+_date_header: list[tuple[int, tuple[str, str]]] = [(-1, ("Date", ""))]  # formatted once a second
+
+
+def http_date() -> tuple[str, str]:
+    """The `Date` header for an answer the gateway writes itself."""
+    second = int(time.time())
+    cached_second, header = _date_header[0]
+    if second != cached_second:
+        header = ("Date", formatdate(second, usegmt=True))
+        _date_header[0] = (second, header)
+    return header
+
+
+class Channel(Protocol):
+    """What a request may ask of the connection it came on before its answer is ready."""
+
+    def send_continue(self) -> None: ...
+
+    async def stream(self, response: Response, rest: AsyncIterator[bytes]) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BodyState(Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    TOO_LARGE = "too_large"  # past the limit: the rest is read and dropped
+    BROKEN = "broken"  # bad framing, or the client went away mid-body
+
+
+class Request:
+    __slots__ = (
+        "_chunks",
+        "_index",
+        "_limit",
+        "_size",
+        "_waiter",
+        "body_state",
+        "channel",
+        "content_length",
+        "expects_continue",
+        "keep_alive",
+        "method",
+        "raw_headers",
+        "raw_path",
+        "remote",
+        "version",
+    )
+
+    def __init__(
+        self,
+        channel: Channel,
+        method: str,
+        raw_path: str,
+        version: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        remote: str | None,
+        *,
+        keep_alive: bool,
+        content_length: int | None,
+        expects_continue: bool,
+        body_limit: int,
+    ) -> None:
+        self.channel = channel
+        self.method = method
+        self.raw_path = raw_path  # the request target as sent, path and query
+        self.version = version  # "1.1" or "1.0"
+        self.raw_headers = raw_headers  # (name, value) as received, in order
+        self.remote = remote
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.expects_continue = expects_continue
+        self.body_state = BodyState.RECEIVING
+        self._limit = body_limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._index: dict[str, list[str]] | None = None
+
+    # --- headers -------------------------------------------------------------------------------
+
+    def header(self, lower_name: str) -> str | None:
+        """The first value of a header, by its lower-case name."""
+        values = self._headers().get(lower_name)
+        return values[0] if values else None
+
+    def header_values(self, lower_name: str) -> list[str]:
+        return self._headers().get(lower_name, [])
+
+    def _headers(self) -> dict[str, list[str]]:
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for name, value in self.raw_headers:
+                key = name.decode("latin-1").lower()
+                index.setdefault(key, []).append(value.decode("utf-8", "surrogateescape"))
+            self._index = index
+        return self._index
+
+    # --- the body, as the connection receives it -----------------------------------------------
+
+    def receive(self, chunk: bytes) -> None:
+        if self.body_state is not BodyState.RECEIVING:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._chunks.clear()
+            self._end(BodyState.TOO_LARGE)
+        else:
+            self._chunks.append(chunk)
+
+    def complete(self) -> None:
+        if self.body_state is BodyState.RECEIVING:
+            self._end(BodyState.COMPLETE)
+
+    def broken(self) -> None:
+        if self.body_state is BodyState.RECEIVING:
+            self._chunks.clear()
+            self._end(BodyState.BROKEN)
+
+    def _end(self, state: BodyState) -> None:
+        self.body_state = state
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the body, as the pipeline reads it ----------------------------------------------------
+
+    async def body(self, within_seconds: float) -> bytes:
+        """The whole body; 413 past the limit, 400 for broken framing or running out of time."""
+        if self.expects_continue:  # sent even when the body came early: the client asked
+            self.expects_continue = False
+            self.channel.send_continue()
+        if self.body_state is BodyState.RECEIVING:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(within_seconds):
+                    await self._waiter
+            except TimeoutError:
+                self.broken()
+                raise Rejected(Reason.BODY_TIMEOUT) from None
+        if self.body_state is BodyState.COMPLETE:
+            chunks = self._chunks
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.body_state is BodyState.TOO_LARGE:
+            raise Rejected(Reason.BODY_TOO_LARGE)
+        raise Rejected(Reason.HTTP_MALFORMED)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    close: bool = False  # the connection closes after this answer
+    streamed: bool = False  # already written by `Channel.stream`
