@@ -27,7 +27,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVER_KEY].metrics.registry
+    metrics = request.app[SERVER_KEY].metrics
+    metrics.flush()
+    registry = metrics.registry
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

@@ -27,7 +27,7 @@ from gateway.extract import RequestParts, collect_headers, parse_query
 from gateway.http1 import UPSTREAM_FAILURES
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog, utc_timestamp
-from gateway.messages import Request, Response, http_date, new_request_id
+from gateway.messages import Request, Response, date_line, header_lines, new_request_id
 from gateway.metrics import NO_ROUTE, BoundMetrics, Metrics
 from gateway.projects import Project
 from gateway.proxy import (
@@ -144,8 +144,8 @@ class Gateway:
         )
         # One config (and its bound metrics) for the whole request, even across a reload.
         config, bound = self.config, self.bound
-        in_flight = self.metrics.in_flight
-        in_flight.inc()
+        metrics = self.metrics
+        metrics.requests_in_flight += 1
         try:
             response = await self._process(request, config, bound, exchange)
         except MethodNotAllowed as refused:
@@ -155,7 +155,7 @@ class Gateway:
                 exchange.decision, exchange.decision_reason = "rejected", refused.reason
             response = self._refuse(exchange, refused.reason)
         finally:
-            in_flight.dec()
+            metrics.requests_in_flight -= 1
         self._observe(bound, exchange, response.status, started)
         self._log(
             request.method, request.raw_path, request.remote, exchange, response.status, started
@@ -358,7 +358,9 @@ class Gateway:
             "access-control-request-method"
         ):
             return None
-        return Response(204, [*route.cors.preflight_headers(origin).items(), http_date()])
+        headers = header_lines(route.cors.preflight_headers(origin).items())
+        headers.append(date_line())
+        return Response(204, headers)
 
     @staticmethod
     def _resolve_project(
@@ -463,9 +465,11 @@ class Gateway:
             retry_after=retry_after,
             allow=allow,
         )
-        headers = [*answer.headers.items(), ("X-Request-Id", exchange.request_id), http_date()]
+        owned = [*answer.headers.items(), ("X-Request-Id", exchange.request_id)]
         if exchange.cors_headers:
-            headers += exchange.cors_headers.items()
+            owned += exchange.cors_headers.items()
+        headers = header_lines(owned)
+        headers.append(date_line())
         # The rest of a refused body is not read, only dropped for a moment before closing.
         close = reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
             Reason.HTTP_MALFORMED,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -235,37 +235,46 @@ class Framing:
 @dataclass(slots=True)
 class Answer:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]  # (lower-case name, the line "Name: value" as received)
     body: bytes  # the whole body, or its first `buffer` bytes when `rest` is set
     rest: AsyncGenerator[bytes, None] | None
 
 
 def encode_request(
-    method: str, target: str, host: str, headers: Iterable[tuple[str, str]], body: bytes
+    method: str, target: str, host: str, header_lines: list[bytes], body: bytes
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{name}: {value}" for name, value in headers]
+    """The request head, `header_lines` ("Name: value") as given, then the body."""
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode()
     if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
-        lines.append(f"Content-Length: {len(body)}")
-    # Values were decoded from the client's bytes with surrogateescape: encode them back as-is.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        end = b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    else:
+        end = b"\r\n\r\n"
+    return b"".join((start, b"\r\n".join(header_lines), end, body))
 
 
-def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[str, str]], Framing, bool]:
+def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[bytes, bytes]], Framing, bool]:
     lines = head[:-4].split(b"\r\n")
     version, _, rest = lines[0].partition(b" ")
     code = rest[:3]
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3:
         raise UpstreamBroken("status line")
     status = int(code)
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
     codings: list[bytes] = []
     keep_alive = version == b"HTTP/1.1"
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not name or name[-1:] in (b" ", b"\t") or line[:1] in (b" ", b"\t"):
-            raise UpstreamBroken("header line")  # obs-fold or a malformed field
+        if (
+            not sep
+            or not name
+            or name[-1:] in (b" ", b"\t")
+            or line[:1] in (b" ", b"\t")
+            or b"\r" in line
+            or b"\n" in line
+        ):
+            # obs-fold, a malformed field, or a bare CR/LF that would split our answer's head
+            raise UpstreamBroken("header line")
         value = value.strip(b" \t")
         folded = name.lower()
         if folded == b"content-length":
@@ -275,7 +284,7 @@ def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[str, str]], F
         elif folded == b"connection":
             tokens = {t.strip().lower() for t in value.split(b",")}
             keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
-        headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        headers.append((folded, name + b": " + value))
     if method == "HEAD" or status in _NO_BODY_STATUSES or 100 <= status < 200:
         return status, headers, Framing("none"), keep_alive
     if codings:
@@ -338,12 +347,12 @@ class Client:
         self._buffer = buffer
 
     async def request(
-        self, method: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
+        self, method: str, target: str, header_lines: list[bytes], body: bytes
     ) -> Answer:
         connection = await self._pool.acquire()
         try:
             connection.set_deadline(connection.time() + self._timeout)
-            connection.write(encode_request(method, target, self._host, headers, body))
+            connection.write(encode_request(method, target, self._host, header_lines, body))
             status, answer_headers, framing, keep_alive = await self._head(connection, method)
             if framing.kind == "none" or (
                 framing.kind == "length" and framing.length <= self._buffer
@@ -371,7 +380,7 @@ class Client:
 
     async def _head(
         self, connection: _Connection, method: str
-    ) -> tuple[int, list[tuple[str, str]], Framing, bool]:
+    ) -> tuple[int, list[tuple[bytes, bytes]], Framing, bool]:
         while True:
             head = await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
             status, headers, framing, keep_alive = _parse_head(head, method)

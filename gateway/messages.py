@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import Enum
@@ -27,17 +27,21 @@ def new_request_id() -> str:
     return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
 
 
-_date_header: list[tuple[int, tuple[str, str]]] = [(-1, ("Date", ""))]  # formatted once a second
+_date_line: list[tuple[int, bytes]] = [(-1, b"")]  # formatted once a second
 
 
-def http_date() -> tuple[str, str]:
-    """The `Date` header for an answer the gateway writes itself."""
+def date_line() -> bytes:
+    """The `Date` header line for an answer the gateway writes itself."""
     second = int(time.time())
-    cached_second, header = _date_header[0]
+    cached_second, line = _date_line[0]
     if second != cached_second:
-        header = ("Date", formatdate(second, usegmt=True))
-        _date_header[0] = (second, header)
-    return header
+        line = b"Date: " + formatdate(second, usegmt=True).encode()
+        _date_line[0] = (second, line)
+    return line
+
+
+def header_lines(headers: Iterable[tuple[str, str]]) -> list[bytes]:
+    return [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in headers]
 
 
 class Channel(Protocol):
@@ -178,7 +182,7 @@ class Request:
 @dataclass(slots=True)
 class Response:
     status: int
-    headers: list[tuple[str, str]]
+    headers: list[bytes]  # "Name: value" lines; the connection adds the framing ones
     body: bytes = b""
     close: bool = False  # the connection closes after this answer
     streamed: bool = False  # already written by `Channel.stream`

@@ -3,26 +3,81 @@
 Label values are bounded: routes and projects come from the config (`_none` for requests no route
 matched, `_other` for projects not listed), codes and decisions from closed enums, statuses from
 HTTP. A request only looks children up in dicts built here, or at most once per new status.
+
+What requests record goes into plain numbers (`Tally`, `Timings`) that `Metrics.flush` adds to
+the prometheus-client children in one call each: before every scrape of this process, and every
+`FLUSH_SECONDS` for `workers: N`, whose supervisor reads the children's files. A
+prometheus-client increment takes a lock and checks its labels each time, several per request.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway import __version__
 
 NO_ROUTE = "_none"
+FLUSH_SECONDS = 0.5
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+
+class Tally:
+    """Increments of one counter child, added to it when metrics are flushed."""
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Counter) -> None:
+        self._child = child
+        self.count = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.count += amount
+
+    def flush(self) -> None:
+        if self.count:
+            count, self.count = self.count, 0.0
+            self._child.inc(count)
+
+
+class Timings:
+    """Observations of one histogram child, counted per bucket here and added when flushed."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child: Any = child  # its buckets are prometheus-client internals: no annotations
+        self._bounds: list[float] = list(self._child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # The first bucket whose upper bound is >= the value, as prometheus-client picks it.
+        self._counts[bisect.bisect_left(self._bounds, seconds)] += 1
+        self._sum += seconds
+
+    def flush(self) -> None:
+        if not any(self._counts):
+            return
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        for bucket, count in zip(self._child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+        self._child._sum.inc(total)
 
 
 class Metrics:
     """The metric families of one gateway process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._recorders: dict[int, Tally | Timings] = {}  # by the child's id: one each
+        self.requests_in_flight = 0
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -122,12 +177,33 @@ class Metrics:
         )
         self.build_info.labels(__version__).set(1)
         self.upstream_error = {
-            kind: self.upstream_errors.labels(kind) for kind in ("connect", "timeout", "other")
+            kind: self.tally(self.upstream_errors.labels(kind))
+            for kind in ("connect", "timeout", "other")
         }
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
-        self.cache_hit = self.token_cache.labels("hit")
-        self.cache_miss = self.token_cache.labels("miss")
+        self.cache_hit = self.tally(self.token_cache.labels("hit"))
+        self.cache_miss = self.tally(self.token_cache.labels("miss"))
+
+    def tally(self, child: Counter) -> Tally:
+        recorder = self._recorders.get(id(child))
+        if recorder is None:
+            recorder = self._recorders[id(child)] = Tally(child)
+        assert isinstance(recorder, Tally)
+        return recorder
+
+    def timings(self, child: Histogram) -> Timings:
+        recorder = self._recorders.get(id(child))
+        if recorder is None:
+            recorder = self._recorders[id(child)] = Timings(child)
+        assert isinstance(recorder, Timings)
+        return recorder
+
+    def flush(self) -> None:
+        """Adds what requests recorded since the last flush to the exported children."""
+        for recorder in self._recorders.values():
+            recorder.flush()
+        self.in_flight.set(self.requests_in_flight)
 
     def bind(self, routes: Iterable[str], projects: dict[str, str], keys: dict[str, list[str]],
              backend: str) -> BoundMetrics:  # fmt: skip
@@ -151,20 +227,22 @@ class BoundMetrics:
         backend: str,
     ) -> None:
         self.metrics = metrics
-        self.request_duration = {r: metrics.request_duration.labels(r) for r in [*routes, NO_ROUTE]}
-        self.upstream_duration = {r: metrics.upstream_duration.labels(r) for r in routes}
+        timings, tally = metrics.timings, metrics.tally
+        self.request_duration = {
+            r: timings(metrics.request_duration.labels(r)) for r in [*routes, NO_ROUTE]
+        }
+        self.upstream_duration = {r: timings(metrics.upstream_duration.labels(r)) for r in routes}
         self.key_uses = {
-            (project, kid): metrics.key_uses.labels(project, kid)
+            (project, kid): tally(metrics.key_uses.labels(project, kid))
             for project, kids in keys.items()
             for kid in kids
         }
-        self.session_limited = {p: metrics.session_limited.labels(p) for p in projects}
-        self.counter_errors = metrics.counter_errors.labels(backend)
-        self.counter_duration = metrics.counter_duration.labels(backend)
-        self._requests: dict[tuple[str, str, int], Counter] = {}
-        self._decisions: dict[tuple[str, str, str, str], Counter] = {
-            (project, mode, decision, ""): metrics.auth_decisions.labels(
-                project, mode, decision, ""
+        self.session_limited = {p: tally(metrics.session_limited.labels(p)) for p in projects}
+        self.counter_duration = timings(metrics.counter_duration.labels(backend))
+        self._requests: dict[tuple[str, str, int], Tally] = {}
+        self._decisions: dict[tuple[str, str, str, str], Tally] = {
+            (project, mode, decision, ""): tally(
+                metrics.auth_decisions.labels(project, mode, decision, "")
             )
             for project, mode in projects.items()
             for decision in ("verified", "anonymous", "disabled")
@@ -172,16 +250,18 @@ class BoundMetrics:
         for project, kids in keys.items():
             metrics.keys_loaded.labels(project).set(len(kids))
 
-    def request(self, route: str, project: str, status: int) -> Counter:
+    def request(self, route: str, project: str, status: int) -> Tally:
         key = (route, project, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.metrics.requests.labels(route, project, str(status))
-        return child
+        recorder = self._requests.get(key)
+        if recorder is None:
+            child = self.metrics.requests.labels(route, project, str(status))
+            recorder = self._requests[key] = self.metrics.tally(child)
+        return recorder
 
-    def decision(self, project: str, mode: str, decision: str, code: str) -> Counter:
+    def decision(self, project: str, mode: str, decision: str, code: str) -> Tally:
         key = (project, mode, decision, code)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.metrics.auth_decisions.labels(*key)
-        return child
+        recorder = self._decisions.get(key)
+        if recorder is None:
+            child = self.metrics.auth_decisions.labels(*key)
+            recorder = self._decisions[key] = self.metrics.tally(child)
+        return recorder

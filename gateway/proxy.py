@@ -16,7 +16,7 @@ from yarl import URL
 from gateway.config import UpstreamSettings
 from gateway.extract import normalise_header_name
 from gateway.http1 import UPSTREAM_FAILURES, Answer, Client, ConnectionPool
-from gateway.messages import http_date
+from gateway.messages import date_line, header_lines
 from gateway.reasons import Reason, Rejected
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
@@ -109,13 +109,29 @@ class Forwarding:
 
 
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+_RESPONSE_DROPPED_BYTES = frozenset(name.encode() for name in _RESPONSE_DROPPED)
+
+_header_keys: dict[bytes, str] = {}  # a client's header names repeat: normalised once each
+_HEADER_KEYS_KEPT = 4096
+
+
+def _header_key(raw_name: bytes) -> str:
+    """The name as the gateway compares it: lower case, `_` read as `-` (CGI-style servers
+    read X_Auth_Status as X-Auth-Status)."""
+    key = _header_keys.get(raw_name)
+    if key is None:
+        key = raw_name.decode("latin-1").lower().replace("_", "-")
+        if len(_header_keys) < _HEADER_KEYS_KEPT:
+            _header_keys[raw_name] = key
+    return key
 
 
 def forward_headers(
     raw_headers: Iterable[tuple[bytes, bytes]], forwarding: Forwarding
-) -> list[tuple[str, str]]:
-    """The request's headers as the upstream gets them, in one pass over what was received."""
-    out: list[tuple[str, str]] = []
+) -> list[bytes]:
+    """The request's headers as the upstream gets them ("Name: value" lines, the client's
+    bytes unchanged), in one pass over what was received."""
+    out: list[tuple[str, bytes]] = []
     forwarded_for: list[str] = []
     kept_forwarded: dict[str, str] = {}
     connection_named: set[str] = set()
@@ -126,63 +142,68 @@ def forward_headers(
         forwarding.peer_trusted,
     )
     for raw_name, raw_value in raw_headers:
-        name = raw_name.decode("latin-1")
-        value = raw_value.decode("utf-8", "surrogateescape")
-        key = name.lower()
-        if "_" in key:
-            key = key.replace("_", "-")  # CGI-style servers read X_Auth_Status as X-Auth-Status
+        key = _header_key(raw_name)
         if key in _FORWARDING:
             if trusted:
+                value = raw_value.decode("utf-8", "surrogateescape")
                 if key == "x-forwarded-for":
                     forwarded_for.append(value)
                 elif key == "forwarded":
-                    out.append((name, value))
+                    out.append((key, raw_name + b": " + raw_value))
                 else:
                     kept_forwarded.setdefault(key, value)
             continue
         if key in _REQUEST_DROPPED or key in drop:
             if key == "connection":
-                connection_named |= _connection_named((value,))
+                connection_named |= _connection_named((raw_value.decode("latin-1"),))
             elif key == "host":
-                host = host or value
+                host = host or raw_value.decode("utf-8", "surrogateescape")
             continue
         if scheme_drop and any(
-            key == n and value.strip().lower().startswith(s + " ") for n, s in scheme_drop
+            key == n and raw_value.strip().lower().startswith(s.encode() + b" ")
+            for n, s in scheme_drop
         ):
             continue
-        out.append((name, value))
+        out.append((key, raw_name + b": " + raw_value))
     if connection_named:  # headers the client marked hop-by-hop, wherever they came
-        out = [(n, v) for n, v in out if normalise_header_name(n) not in connection_named]
+        out = [(key, line) for key, line in out if key not in connection_named]
     forwarded_for.append(forwarding.peer or "unknown")
-    out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
-    out.append(("X-Forwarded-Proto", kept_forwarded.get("x-forwarded-proto", "http")))
-    out.append(("X-Forwarded-Host", kept_forwarded.get("x-forwarded-host", host)))
-    out.append(("X-Request-Id", forwarding.request_id))
-    out.append(("X-Auth-Status", forwarding.auth_status))
+    added = [
+        ("X-Forwarded-For", ", ".join(forwarded_for)),
+        ("X-Forwarded-Proto", kept_forwarded.get("x-forwarded-proto", "http")),
+        ("X-Forwarded-Host", kept_forwarded.get("x-forwarded-host", host)),
+        ("X-Request-Id", forwarding.request_id),
+        ("X-Auth-Status", forwarding.auth_status),
+    ]
     if forwarding.authenticated_user is not None:
-        out.append(("X-Authenticated-User", forwarding.authenticated_user))
-    return out
+        added.append(("X-Authenticated-User", forwarding.authenticated_user))
+    lines = [line for _, line in out]
+    lines += [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in added]
+    return lines
 
 
 def response_headers(
-    headers: Iterable[tuple[str, str]], owned: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """The upstream's headers without hop-by-hop ones, with the gateway's `owned` headers in
-    place of any the upstream sent under those names, and a `Date` if the upstream sent none."""
-    pairs = list(headers)
-    connection_named = _connection_named(v for n, v in pairs if n.lower() == "connection")
-    replaced = {name.lower() for name, _ in owned}
-    out: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]], owned: list[tuple[str, str]]
+) -> list[bytes]:
+    """The upstream's header lines without hop-by-hop ones, with the gateway's `owned` headers
+    in place of any the upstream sent under those names, and a `Date` if it sent none."""
+    connection_named = {
+        token.strip()
+        for key, line in headers
+        if key == b"connection"
+        for token in line.partition(b":")[2].lower().replace(b"_", b"-").split(b",")
+    }
+    replaced = {name.lower().encode() for name, _ in owned}
+    out: list[bytes] = []
     dated = False
-    for name, value in pairs:
-        key = name.lower()
-        if key in _RESPONSE_DROPPED or key in connection_named or key in replaced:
+    for key, line in headers:
+        if key in _RESPONSE_DROPPED_BYTES or key in connection_named or key in replaced:
             continue
-        dated = dated or key == "date"
-        out.append((name, value))
-    out += owned
+        dated = dated or key == b"date"
+        out.append(line)
+    out += header_lines(owned)
     if not dated:
-        out.append(http_date())
+        out.append(date_line())
     return out
 
 
@@ -209,12 +230,12 @@ class Upstream:
         await self._pool.close()
 
     async def send(
-        self, method: str, path: str, query: str | None, headers: list[tuple[str, str]], body: bytes
+        self, method: str, path: str, query: str | None, header_lines: list[bytes], body: bytes
     ) -> Answer:
         # Path and query were validated as plain RFC 3986 text: sent exactly as received.
         target = self._prefix + path if query is None else f"{self._prefix}{path}?{query}"
         try:
-            answer = await self._client.request(method, target, headers, body)
+            answer = await self._client.request(method, target, header_lines, body)
         except TimeoutError:
             raise Rejected(Reason.UPSTREAM_TIMEOUT) from None
         except UPSTREAM_FAILURES:

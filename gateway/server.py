@@ -22,7 +22,7 @@ from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog
-from gateway.metrics import Metrics
+from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.proxy import Upstream
 from gateway.server_protocol import HttpServer
 from gateway.tasks import spawn
@@ -114,6 +114,7 @@ class GatewayServer:
         self._public: HttpServer | None = None
         self._admin: web.AppRunner | None = None
         self._stopped = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
 
     def _jwks_fetched(self, label: str, ok: bool) -> None:
         self.metrics.jwks_fetches.labels(label, "success" if ok else "failure").inc()
@@ -148,6 +149,7 @@ class GatewayServer:
         if self._admin_socket is None:
             self._admin_socket = bind(settings.admin_listen, reuse_port=False)
         self.gateway.access_log.start()
+        self._flusher = spawn(self._flush_metrics())
         self._public = HttpServer(self.gateway, asyncio.get_running_loop())
         await self._public.start(self._public_socket)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
@@ -168,6 +170,12 @@ class GatewayServer:
                 }
             },
         )
+
+    async def _flush_metrics(self) -> None:
+        """For `workers: N`: the supervisor reads each worker's children, not its recorders."""
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.metrics.flush()
 
     async def reload(self) -> ReloadResult:
         """Load, validate and swap in the config file again; the running one keeps serving on
@@ -249,6 +257,9 @@ class GatewayServer:
         await self.gateway.counter.close()
         await self.gateway.access_log.close()
         await self.jwks.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        self.metrics.flush()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

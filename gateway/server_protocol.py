@@ -24,7 +24,14 @@ import httptools
 
 from gateway.config import LimitsSettings
 from gateway.errors import render_error
-from gateway.messages import BodyState, Request, Response, http_date, new_request_id
+from gateway.messages import (
+    BodyState,
+    Request,
+    Response,
+    date_line,
+    header_lines,
+    new_request_id,
+)
 from gateway.reasons import Reason
 
 log = logging.getLogger("gateway.server")
@@ -33,11 +40,11 @@ MAX_HEADERS = 128
 MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
 LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
 _NO_BODY = frozenset({204, 304})
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
 
 
-def _status_line(status: int) -> str:
-    return _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n"
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown" % status
 
 
 class Handler(Protocol):
@@ -243,7 +250,8 @@ class HttpConnection(asyncio.Protocol):
                 "request failed inside the gateway", extra={"fields": {"request_id": request_id}}
             )
             answer = render_error(Reason.INTERNAL, request_id)
-            headers = [*answer.headers.items(), ("X-Request-Id", request_id), http_date()]
+            headers = header_lines([*answer.headers.items(), ("X-Request-Id", request_id)])
+            headers.append(date_line())
             return Response(answer.status, headers, answer.body, close=True)
 
     def _respond(self, request: Request, response: Response) -> bool:
@@ -257,16 +265,15 @@ class HttpConnection(asyncio.Protocol):
         if response.streamed:
             return keep_alive and not response.close
         status, body = response.status, response.body
-        lines = [f"{name}: {value}" for name, value in response.headers]
+        lines = [_status_line(status), *response.headers]
         if status not in _NO_BODY:
-            lines.append(f"Content-Length: {len(body)}")
+            lines.append(b"Content-Length: %d" % len(body))
         if not keep_alive:
-            lines.append("Connection: close")
+            lines.append(b"Connection: close")
         elif request.version == "1.0":
-            lines.append("Connection: keep-alive")
-        head = (_status_line(status) + "\r\n".join(lines) + "\r\n\r\n").encode(
-            "utf-8", "surrogateescape"
-        )
+            lines.append(b"Connection: keep-alive")
+        lines.append(b"\r\n")
+        head = b"\r\n".join(lines)
         if request.method == "HEAD" or status in _NO_BODY:
             self.write(head)
         else:
@@ -280,11 +287,15 @@ class HttpConnection(asyncio.Protocol):
             extra={"fields": {"request_id": request_id, "error": unparsable.error}},
         )
         answer = render_error(Reason.HTTP_MALFORMED, request_id)
-        headers = [*answer.headers.items(), ("X-Request-Id", request_id), http_date()]
-        lines = [f"{name}: {value}" for name, value in headers]
-        lines += [f"Content-Length: {len(answer.body)}", "Connection: close"]
-        head = _status_line(answer.status) + "\r\n".join(lines) + "\r\n\r\n"
-        self.write(head.encode() + answer.body)
+        lines = [
+            _status_line(answer.status),
+            *header_lines([*answer.headers.items(), ("X-Request-Id", request_id)]),
+            date_line(),
+            b"Content-Length: %d" % len(answer.body),
+            b"Connection: close",
+            b"\r\n",
+        ]
+        self.write(b"\r\n".join(lines) + answer.body)
         self._handler.protocol_error(self._remote, Reason.HTTP_MALFORMED, request_id, answer.status)
         self._finish()
 
@@ -312,14 +323,13 @@ class HttpConnection(asyncio.Protocol):
         request = self._queue[0]
         assert isinstance(request, Request)
         chunked = request.version == "1.1"
-        lines = [f"{name}: {value}" for name, value in response.headers]
-        lines.append("Transfer-Encoding: chunked" if chunked else "Connection: close")
+        lines = [_status_line(response.status), *response.headers]
+        lines.append(b"Transfer-Encoding: chunked" if chunked else b"Connection: close")
+        lines.append(b"\r\n")
         response.streamed = True
         if not chunked:
             response.close = True
-        head = (_status_line(response.status) + "\r\n".join(lines) + "\r\n\r\n").encode(
-            "utf-8", "surrogateescape"
-        )
+        head = b"\r\n".join(lines)
         self.write(
             head + (b"%x\r\n%b\r\n" % (len(response.body), response.body) if chunked else b"")
         )

@@ -122,7 +122,11 @@ async def test_workers_share_the_port_and_sum_their_metrics(
         async with aiohttp.ClientSession() as fresh:
             statuses.append(await send(fresh, two_workers.url))
     assert set(statuses) == {200}
-    assert await requests_total(http, two_workers.admin) == 40
+
+    async def all_counted() -> bool:  # each worker adds its requests every FLUSH_SECONDS
+        return await requests_total(http, two_workers.admin) == 40
+
+    await eventually(all_counted, "the supervisor to sum 40 requests over both workers")
 
 
 async def test_reload_reaches_every_worker(
