@@ -10,6 +10,8 @@ Content-Length, a length next to chunked framing, malformed chunks) as a broken 
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ class _Connection(asyncio.Protocol):
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
-        self._deadline: asyncio.TimerHandle | None = None
+        self.deadline = math.inf  # loop time; the pool's sweeper expires reads past it
         self._timed_out = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
@@ -79,20 +81,10 @@ class _Connection(asyncio.Protocol):
 
     # --- the exchange's deadline ---------------------------------------------------------------
 
-    def set_deadline(self, when: float) -> None:
-        """Reads past `when` (loop time) raise TimeoutError. One timer per exchange, where
-        `asyncio.timeout` would also look up the running loop and task on every use."""
-        self.clear_deadline()
-        self._timed_out = False
-        self._deadline = self._loop.call_at(when, self._expire)
-
-    def clear_deadline(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-
-    def _expire(self) -> None:
-        self._deadline = None
+    def expire(self) -> None:
+        """The exchange outlived its deadline: the read under way, and any later one, raise
+        TimeoutError."""
+        self.deadline = math.inf
         self._timed_out = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
@@ -157,7 +149,6 @@ class _Connection(asyncio.Protocol):
         )
 
     def close(self) -> None:
-        self.clear_deadline()
         if self.transport is not None:
             self.transport.close()
 
@@ -165,13 +156,44 @@ class _Connection(asyncio.Protocol):
 class ConnectionPool:
     """At most `max_connections` open at once; idle ones are reused, newest first."""
 
-    def __init__(self, host: str, port: int, max_connections: int, connect_timeout: float):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        max_connections: int,
+        connect_timeout: float,
+        exchange_timeout: float,
+    ):
         self._host, self._port = host, port
         self._max = max_connections
         self._connect_timeout = connect_timeout
+        self._exchange_timeout = exchange_timeout
         self._idle: deque[_Connection] = deque()
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._in_use: set[_Connection] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def _sweep(self) -> None:
+        """Expires exchanges past their deadline: one timer for the pool instead of one per
+        request (a timer handle to create and cancel, on the hot path)."""
+        interval = min(0.05, self._exchange_timeout / 10)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in [c for c in self._in_use if c.deadline <= now]:
+                connection.expire()
+
+    async def exchange(self) -> _Connection:
+        """A connection for one exchange, whose reads fail with TimeoutError once the exchange
+        has taken `exchange_timeout`; hand it back with `release`."""
+        connection = await self.acquire()
+        connection.deadline = connection.time() + self._exchange_timeout
+        self._in_use.add(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return connection
 
     async def acquire(self) -> _Connection:
         while self._idle:
@@ -198,7 +220,8 @@ class ConnectionPool:
         return connection
 
     def release(self, connection: _Connection, reusable: bool) -> None:
-        connection.clear_deadline()
+        self._in_use.discard(connection)
+        connection.deadline = math.inf
         if reusable and connection.usable():
             self._idle.append(connection)
             self._wake()
@@ -218,6 +241,9 @@ class ConnectionPool:
                 return
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         while self._idle:
             self._idle.pop().close()
         self._open = 0
@@ -252,38 +278,37 @@ def encode_request(
     return b"".join((start, b"\r\n".join(header_lines), end, body))
 
 
+# Field lines as RFC 9112 allows them: a token, a colon, a value without CR or LF. Anything else
+# (obs-fold, a space before the colon, a bare CR or LF that would split our answer) is refused.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
 def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[bytes, bytes]], Framing, bool]:
-    lines = head[:-4].split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
+    status_line, _, fields = head[:-2].partition(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
     code = rest[:3]
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit() or len(code) != 3:
         raise UpstreamBroken("status line")
+    if not _FIELD_LINES.fullmatch(fields):
+        raise UpstreamBroken("header line")
     status = int(code)
     headers: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
     codings: list[bytes] = []
     keep_alive = version == b"HTTP/1.1"
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if (
-            not sep
-            or not name
-            or name[-1:] in (b" ", b"\t")
-            or line[:1] in (b" ", b"\t")
-            or b"\r" in line
-            or b"\n" in line
-        ):
-            # obs-fold, a malformed field, or a bare CR/LF that would split our answer's head
-            raise UpstreamBroken("header line")
-        value = value.strip(b" \t")
+    for name, value in _FIELD.findall(fields):
         folded = name.lower()
-        if folded == b"content-length":
-            lengths.add(value)
-        elif folded == b"transfer-encoding":
-            codings += [c.strip().lower() for c in value.split(b",")]
-        elif folded == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
+        if folded in _FRAMING:
+            if folded == b"content-length":
+                lengths.add(value)
+            elif folded == b"transfer-encoding":
+                codings += [c.strip().lower() for c in value.split(b",")]
+            else:
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
         headers.append((folded, name + b": " + value))
     if method == "HEAD" or status in _NO_BODY_STATUSES or 100 <= status < 200:
         return status, headers, Framing("none"), keep_alive
@@ -340,18 +365,16 @@ class Client:
     """Sends one request on a pooled connection; `buffer` bytes of the answer are read before
     it returns, so a break inside them is a 502 rather than a truncated 2xx."""
 
-    def __init__(self, pool: ConnectionPool, host_header: str, timeout: float, buffer: int):
+    def __init__(self, pool: ConnectionPool, host_header: str, buffer: int):
         self._pool = pool
         self._host = host_header
-        self._timeout = timeout
         self._buffer = buffer
 
     async def request(
         self, method: str, target: str, header_lines: list[bytes], body: bytes
     ) -> Answer:
-        connection = await self._pool.acquire()
+        connection = await self._pool.exchange()
         try:
-            connection.set_deadline(connection.time() + self._timeout)
             connection.write(encode_request(method, target, self._host, header_lines, body))
             status, answer_headers, framing, keep_alive = await self._head(connection, method)
             if framing.kind == "none" or (

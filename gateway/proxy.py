@@ -222,9 +222,13 @@ class Upstream:
         if url.explicit_port:
             host_header = f"{host_header}:{url.port}"
         self._pool = ConnectionPool(
-            url.host, url.port or 80, settings.max_connections, settings.connect_timeout_seconds
+            url.host,
+            url.port or 80,
+            settings.max_connections,
+            settings.connect_timeout_seconds,
+            settings.timeout_seconds,
         )
-        self._client = Client(self._pool, host_header, settings.timeout_seconds, self.BUFFER_BYTES)
+        self._client = Client(self._pool, host_header, self.BUFFER_BYTES)
 
     async def close(self) -> None:
         await self._pool.close()

@@ -92,6 +92,7 @@ class HttpConnection(asyncio.Protocol):
         self._serving = False
         self._serving_task: asyncio.Task[None] | None = None  # the loop holds tasks weakly
         self._reading = True  # False once no further request on this connection is parsed
+        self._upgraded = False  # the client asked to switch protocols: answered, then closed
         self._closed = False
         self._lingering: asyncio.TimerHandle | None = None
         self._write_paused = False
@@ -118,6 +119,7 @@ class HttpConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The request before the switch is answered; nothing after it is read as HTTP.
+            self._upgraded = True
             self._stop_reading()
         except httptools.HttpParserError as exc:
             exc.__traceback__ = None  # its frames would hold this connection in a cycle
@@ -257,16 +259,16 @@ class HttpConnection(asyncio.Protocol):
     def _respond(self, request: Request, response: Response) -> bool:
         """Writes the answer; whether the connection stays open for another request."""
         keep_alive = (
-            request.keep_alive
-            and not response.close
-            and not self._handler.stopping
+            not response.close
+            and self._keeps_alive(request)
             and request.body_state is BodyState.COMPLETE
         )
         if response.streamed:
             return keep_alive and not response.close
         status, body = response.status, response.body
         lines = [_status_line(status), *response.headers]
-        if status not in _NO_BODY:
+        # A HEAD answer's length would be the GET's, which is not known here: left out.
+        if status not in _NO_BODY and request.method != "HEAD":
             lines.append(b"Content-Length: %d" % len(body))
         if not keep_alive:
             lines.append(b"Connection: close")
@@ -279,6 +281,9 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.write(head + body)
         return keep_alive
+
+    def _keeps_alive(self, request: Request) -> bool:
+        return request.keep_alive and not self._handler.stopping and not self._upgraded
 
     def _refuse_unparsable(self, unparsable: _Unparsable) -> None:
         request_id = new_request_id()
@@ -324,11 +329,13 @@ class HttpConnection(asyncio.Protocol):
         assert isinstance(request, Request)
         chunked = request.version == "1.1"
         lines = [_status_line(response.status), *response.headers]
-        lines.append(b"Transfer-Encoding: chunked" if chunked else b"Connection: close")
+        if chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        if not chunked or not self._keeps_alive(request):
+            lines.append(b"Connection: close")
+            response.close = True
         lines.append(b"\r\n")
         response.streamed = True
-        if not chunked:
-            response.close = True
         head = b"\r\n".join(lines)
         self.write(
             head + (b"%x\r\n%b\r\n" % (len(response.body), response.body) if chunked else b"")
@@ -371,6 +378,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self.idle_since = None
         self._lingering = self._loop.call_later(LINGER_SECONDS, self.close)
+        self._transport.resume_reading()  # what the client still sends is read, and dropped
         if self._transport.can_write_eof():
             self._transport.write_eof()
 
