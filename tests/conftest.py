@@ -391,3 +391,58 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# --- upstreams a test shapes itself ------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@pytest.fixture
+async def serve_app() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    """Start an aiohttp upstream answering every path with `handler`; returns its URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Handler) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@dataclass
+class SlowUpstream:
+    """Answers after `release` is set, so a request can be held in flight."""
+
+    url: str
+    release: asyncio.Event
+    arrived: asyncio.Event
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[SlowUpstream]:
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        if request.headers.get("X-Hold") == "1":
+            arrived.set()
+            await release.wait()
+        return web.json_response({"success": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield SlowUpstream(f"http://127.0.0.1:{runner.addresses[0][1]}", release, arrived)
+    release.set()
+    await runner.cleanup()

@@ -21,6 +21,7 @@ from tests.conftest import (
     GatewayFactory,
     KeyPair,
     RunningGateway,
+    SlowUpstream,
     Tokens,
     Upstream,
     base_config,
@@ -150,37 +151,6 @@ async def test_monitor_to_required_rollout_by_reload(
 
 
 # --- the real process --------------------------------------------------------------------------
-
-
-@dataclass
-class SlowUpstream:
-    """Answers after `release` is set, so a request can be held in flight."""
-
-    url: str
-    release: asyncio.Event
-    arrived: asyncio.Event
-
-
-@pytest.fixture
-async def slow_upstream() -> AsyncIterator[SlowUpstream]:
-    release, arrived = asyncio.Event(), asyncio.Event()
-
-    async def answer(request: web.Request) -> web.Response:
-        await request.read()
-        if request.headers.get("X-Hold") == "1":
-            arrived.set()
-            await release.wait()
-        return web.json_response({"success": True})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield SlowUpstream(f"http://127.0.0.1:{runner.addresses[0][1]}", release, arrived)
-    release.set()
-    await runner.cleanup()
 
 
 @dataclass

@@ -21,36 +21,16 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from tests.conftest import GatewayFactory, RunningGateway, Tokens, Upstream, free_port
+from tests.conftest import GatewayFactory, Handler, RunningGateway, Tokens, Upstream, free_port
 
 EVENTS = "/track/v2/projects/app/customers/events"
 ANONYMOUS = b'{"customer_ids": {"cookie": "c-123"}, "event_type": "view"}'
 JSON = {"Content-Type": "application/json"}
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RawBehaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 # --- upstreams the tests start -------------------------------------------------------------------
-
-
-@pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    """Start an aiohttp upstream answering every path with `handler`; returns its URL."""
-    runners: list[web.AppRunner] = []
-
-    async def start(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
 
 
 class RawUpstream:

@@ -25,7 +25,14 @@ from aiohttp import web
 
 from gateway.proxy import Upstream as UpstreamClient
 from gateway.server_protocol import LINGER_SECONDS, MAX_QUEUED, HttpServer
-from tests.conftest import GatewayFactory, RunningGateway, Upstream, eventually
+from tests.conftest import (
+    GatewayFactory,
+    Handler,
+    RunningGateway,
+    SlowUpstream,
+    Upstream,
+    eventually,
+)
 
 EVENTS = "/track/v2/projects/app/customers/events"
 SDK_CONFIG = "/v2/sdkconfig"
@@ -426,27 +433,6 @@ async def test_answer_before_the_body_arrived_closes_the_connection(
 
 # --- answers past the upstream buffer ----------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    """An aiohttp upstream answering every path with `handler` (as in tests/test_proxy.py)."""
-    runners: list[web.AppRunner] = []
-
-    async def start(handler: Handler) -> str:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
 
 PAYLOAD = os.urandom(3 * UpstreamClient.BUFFER_BYTES + 123)
 
@@ -575,41 +561,11 @@ async def test_close_while_reading_is_paused_still_delivers_the_answers_in_fligh
 # --- graceful stop -----------------------------------------------------------------------------
 
 
-@dataclass
-class HoldingUpstream:
-    """Answers a request carrying `X-Hold: 1` only once `release` is set."""
-
-    url: str
-    arrived: asyncio.Event
-    release: asyncio.Event
-
-
-@pytest.fixture
-async def holding_upstream() -> AsyncIterator[HoldingUpstream]:
-    arrived, release = asyncio.Event(), asyncio.Event()
-
-    async def answer(request: web.Request) -> web.Response:
-        await request.read()
-        if request.headers.get("X-Hold") == "1":
-            arrived.set()
-            await release.wait()
-        return web.json_response({"success": True})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield HoldingUpstream(f"http://127.0.0.1:{runner.addresses[0][1]}", arrived, release)
-    release.set()
-    await runner.cleanup()
-
-
 async def test_stop_finishes_the_request_in_flight_and_closes_idle_connections_at_once(
-    make_gateway: GatewayFactory, holding_upstream: HoldingUpstream
+    make_gateway: GatewayFactory, slow_upstream: SlowUpstream
 ) -> None:
     gateway = await make_gateway(
-        upstream={"url": holding_upstream.url, "timeout_seconds": 10},
+        upstream={"url": slow_upstream.url, "timeout_seconds": 10},
         shutdown={"grace_seconds": 10},
     )
     port = gateway.port  # its socket is gone once stopped
@@ -618,7 +574,7 @@ async def test_stop_finishes_the_request_in_flight_and_closes_idle_connections_a
         assert (await idle.answer()).status == 200  # now idle, kept alive
         await busy.send(post("in-flight", ANONYMOUS, ("X-Hold", "1")))
         async with asyncio.timeout(5):
-            await holding_upstream.arrived.wait()
+            await slow_upstream.arrived.wait()
 
         stopping = asyncio.ensure_future(gateway.server.stop())
         started = time.monotonic()
@@ -626,7 +582,7 @@ async def test_stop_finishes_the_request_in_flight_and_closes_idle_connections_a
         assert time.monotonic() - started < 1
         assert not stopping.done()  # still waiting for the request in flight
 
-        holding_upstream.release.set()
+        slow_upstream.release.set()
         answer = await busy.answer()
         assert (answer.status, answer.header("X-Request-Id")) == (200, "in-flight")
         assert answer.body == SAMPLE_ANSWER
