@@ -120,7 +120,7 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # The request before the switch is answered; nothing after it is read as HTTP.
             self._upgraded = True
-            self._stop_reading()
+            self._reading = False
         except httptools.HttpParserError as exc:
             exc.__traceback__ = None  # its frames would hold this connection in a cycle
             self._unparsable(type(exc.__context__ or exc).__name__)
@@ -175,6 +175,9 @@ class HttpConnection(asyncio.Protocol):
             or len(self._headers) >= MAX_HEADERS
         ):
             raise _HeadTooLarge
+        # llhttp drops the whitespace before a value but keeps what trails it; RFC 9110 reads
+        # neither, and so does every upstream: one reading here too.
+        value = value.rstrip(b" \t")
         self._headers.append((name, value))
         if len(name) == 14 and name.lower() == b"content-length":
             self._content_length = int(value)  # llhttp checked it is digits, and only one
@@ -213,7 +216,7 @@ class HttpConnection(asyncio.Protocol):
         if request is not None:
             request.complete()
             if not request.keep_alive:
-                self._stop_reading()
+                self._reading = False
 
     # --- answering -----------------------------------------------------------------------------
 
@@ -264,7 +267,7 @@ class HttpConnection(asyncio.Protocol):
             and request.body_state is BodyState.COMPLETE
         )
         if response.streamed:
-            return keep_alive and not response.close
+            return keep_alive
         status, body = response.status, response.body
         lines = [_status_line(status), *response.headers]
         # A HEAD answer's length would be the GET's, which is not known here: left out.
@@ -313,9 +316,6 @@ class HttpConnection(asyncio.Protocol):
         self._queue.append(_Unparsable(error))
         if not self._serving:
             self._start_serving()
-
-    def _stop_reading(self) -> None:
-        self._reading = False
 
     # --- the Channel a request sees ------------------------------------------------------------
 

@@ -6,8 +6,10 @@ import json
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import LATENCY_BUCKETS, Tally, Timings
 from tests.conftest import GatewayFactory, RunningGateway, Tokens
 
 EVENTS = "/track/v2/projects/app/customers/events"
@@ -164,3 +166,35 @@ async def test_metrics_are_not_on_the_public_listener(
     async with http.get(gateway.url + "/metrics") as response:
         assert response.status == 404
         assert (await response.json())["error"]["code"] == "ROUTE_NOT_FOUND"
+
+
+def test_recorders_flush_exactly_what_direct_observations_give() -> None:
+    """Values on, just under and past every bucket bound land where prometheus-client puts
+    them, and a flush adds each count once (a second flush adds nothing)."""
+    values = [b + d for b in LATENCY_BUCKETS for d in (-1e-9, 0.0, 1e-9)] + [0.0, 99.0]
+    direct, batched = CollectorRegistry(), CollectorRegistry()
+    histograms = [Histogram("t_seconds", "t", buckets=LATENCY_BUCKETS, registry=r)
+                  for r in (direct, batched)]  # fmt: skip
+    counters = [Counter("n", "n", registry=r) for r in (direct, batched)]
+    timings, tally = Timings(histograms[1]), Tally(counters[1])
+    for value in values:
+        histograms[0].observe(value)
+        counters[0].inc()
+        timings.observe(value)
+        tally.inc()
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
+        # `_created` is each registry's own creation time: not what is compared here.
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, json.dumps(s.labels, sort_keys=True)): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(batched) != samples(direct)  # nothing until flushed
+    for _ in range(2):
+        timings.flush()
+        tally.flush()
+    assert samples(batched) == samples(direct)
