@@ -202,7 +202,8 @@ class Gateway:
         exchange.route = route
         if route.cors is not None:
             exchange.cors_headers = route.cors.answer_headers(request.header("origin"))
-        parts = RequestParts(collect_headers(request.raw_headers, route.watched_headers), {})
+        keys = request.header_keys()
+        parts = RequestParts(collect_headers(keys, request.raw_headers, route.watched_headers), {})
         project = self._resolve_project(config, route, params, parts, exchange)
         limits = config.settings.limits
         body = await self._read_body(request, limits)
@@ -323,7 +324,7 @@ class Gateway:
                 request.method,
                 target.path,
                 strip_query(target.query, route.token_query_drop),
-                forward_headers(request.raw_headers, forwarding),
+                forward_headers(request.header_keys(), request.raw_headers, forwarding),
                 body,
             )
         finally:
@@ -337,7 +338,7 @@ class Gateway:
             if expires_in <= project.expiry_warning_seconds:
                 owned.append(("X-Auth-Warning", "TOKEN_ABOUT_TO_EXPIRE"))
                 owned.append(("X-Auth-Token-Expires-In", str(max(0, math.floor(expires_in)))))
-        response = Response(answer.status, response_headers(answer.headers, owned), answer.body)
+        response = Response(answer.status, response_headers(answer.head, owned), answer.body)
         if answer.rest is not None:
             await self._stream(request, exchange, response, answer.rest)
         return response

@@ -8,7 +8,7 @@ query parameter sent twice, a JSON key in two letter cases, two different values
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -87,19 +87,21 @@ def normalise_header_name(name: str) -> str:
 
 
 def collect_headers(
-    raw_headers: Iterable[tuple[bytes, bytes]], watched: frozenset[str]
+    keys: list[str], raw_headers: list[tuple[bytes, bytes]], watched: frozenset[str]
 ) -> dict[str, list[str]]:
-    """The values of the watched headers, by normalised name, in the order they came."""
+    """The values of the watched headers, by `header_key`, in the order they came."""
     found: dict[str, list[str]] = {}
-    for raw_name, raw_value in raw_headers:
-        name = normalise_header_name(raw_name.decode("latin-1"))
-        if name not in watched:
+    for name in watched:
+        if name not in keys:
             continue
         try:
-            value = raw_value.decode("utf-8")
+            found[name] = [
+                value.decode("utf-8")
+                for key, (_, value) in zip(keys, raw_headers, strict=True)
+                if key == name
+            ]
         except UnicodeDecodeError:
             raise Rejected(Reason.HEADER_INVALID) from None
-        found.setdefault(name, []).append(value)
     return found
 
 

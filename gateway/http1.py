@@ -258,12 +258,43 @@ class Framing:
     length: int = 0
 
 
+# Hop-by-hop (RFC 9110 §7.6.1) and framing fields: they describe this connection, not the answer.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Head:
+    """A parsed response head. `lines` are its end-to-end fields ("Name: value" as received):
+    hop-by-hop and framing fields, and those its `Connection` names, are left out."""
+
+    status: int
+    lines: tuple[bytes, ...]
+    names: frozenset[bytes]  # the lower-case names of `lines`
+    framing: Framing
+    keep_alive: bool
+
+
 @dataclass(slots=True)
 class Answer:
-    status: int
-    headers: list[tuple[bytes, bytes]]  # (lower-case name, the line "Name: value" as received)
+    head: Head
     body: bytes  # the whole body, or its first `buffer` bytes when `rest` is set
     rest: AsyncGenerator[bytes, None] | None
+
+    @property
+    def status(self) -> int:
+        return self.head.status
 
 
 def encode_request(
@@ -283,10 +314,27 @@ def encode_request(
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[^\r\n]*\r\n)*")
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n]*?)[ \t]*\r\n")
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+# An upstream sends the same few heads again and again (only `Date` changes, once a second):
+# each distinct head is parsed once. Parsing depends on nothing but the bytes (HEAD answers,
+# whose framing depends on the method, are not kept).
+_parsed_heads: dict[bytes, Head] = {}
+_PARSED_HEADS_KEPT = 512
 
 
-def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[bytes, bytes]], Framing, bool]:
+def parse_head(head: bytes, method: str) -> Head:
+    if method == "HEAD":
+        return _parse_head(head, method)
+    parsed = _parsed_heads.get(head)
+    if parsed is None:
+        parsed = _parse_head(head, method)
+        if len(_parsed_heads) >= _PARSED_HEADS_KEPT:
+            _parsed_heads.clear()
+        _parsed_heads[head] = parsed
+    return parsed
+
+
+def _parse_head(head: bytes, method: str) -> Head:
     status_line, _, fields = head[:-2].partition(b"\r\n")
     version, _, rest = status_line.partition(b" ")
     code = rest[:3]
@@ -295,34 +343,42 @@ def _parse_head(head: bytes, method: str) -> tuple[int, list[tuple[bytes, bytes]
     if not _FIELD_LINES.fullmatch(fields):
         raise UpstreamBroken("header line")
     status = int(code)
-    headers: list[tuple[bytes, bytes]] = []
+    received: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
     codings: list[bytes] = []
+    connection_named: set[bytes] = set()
     keep_alive = version == b"HTTP/1.1"
     for name, value in _FIELD.findall(fields):
         folded = name.lower()
-        if folded in _FRAMING:
-            if folded == b"content-length":
-                lengths.add(value)
-            elif folded == b"transfer-encoding":
-                codings += [c.strip().lower() for c in value.split(b",")]
-            else:
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
-        headers.append((folded, name + b": " + value))
+        if folded == b"content-length":
+            lengths.add(value)
+        elif folded == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+        elif folded == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            keep_alive = b"close" not in tokens and (keep_alive or b"keep-alive" in tokens)
+            connection_named |= {t.replace(b"_", b"-") for t in tokens}
+        received.append((folded, name + b": " + value))
+    kept = [
+        (n, line)
+        for n, line in received
+        if n not in _HOP_BY_HOP and n.replace(b"_", b"-") not in connection_named
+    ]
+    lines = tuple(line for _, line in kept)
+    names = frozenset(n for n, _ in kept)
     if method == "HEAD" or status in _NO_BODY_STATUSES or 100 <= status < 200:
-        return status, headers, Framing("none"), keep_alive
+        return Head(status, lines, names, Framing("none"), keep_alive)
     if codings:
         if lengths:
             raise UpstreamBroken("Content-Length with Transfer-Encoding")
         if codings[-1] == b"chunked" and codings.count(b"chunked") == 1:
-            return status, headers, Framing("chunked"), keep_alive
-        return status, headers, Framing("close"), False
+            return Head(status, lines, names, Framing("chunked"), keep_alive)
+        return Head(status, lines, names, Framing("close"), False)
     if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
         raise UpstreamBroken("Content-Length")
     if lengths:
-        return status, headers, Framing("length", int(next(iter(lengths)))), keep_alive
-    return status, headers, Framing("close"), False
+        return Head(status, lines, names, Framing("length", int(next(iter(lengths)))), keep_alive)
+    return Head(status, lines, names, Framing("close"), False)
 
 
 async def _chunks(reader: _Connection) -> AsyncIterator[bytes]:
@@ -376,14 +432,15 @@ class Client:
         connection = await self._pool.exchange()
         try:
             connection.write(encode_request(method, target, self._host, header_lines, body))
-            status, answer_headers, framing, keep_alive = await self._head(connection, method)
+            head = await self._head(connection, method)
+            framing, keep_alive = head.framing, head.keep_alive
             if framing.kind == "none" or (
                 framing.kind == "length" and framing.length <= self._buffer
             ):
                 # The usual small answer: one read, no generator.
                 whole = await connection.read_exactly(framing.length)
                 self._pool.release(connection, reusable=keep_alive)
-                return Answer(status, answer_headers, whole, None)
+                return Answer(head, whole, None)
             pieces = _body(connection, framing)
             buffered = bytearray()
             complete = True
@@ -397,20 +454,17 @@ class Client:
             raise
         if complete:
             self._pool.release(connection, reusable=keep_alive)
-            return Answer(status, answer_headers, bytes(buffered), None)
+            return Answer(head, bytes(buffered), None)
         rest = self._rest(connection, pieces, keep_alive)
-        return Answer(status, answer_headers, bytes(buffered), rest)
+        return Answer(head, bytes(buffered), rest)
 
-    async def _head(
-        self, connection: _Connection, method: str
-    ) -> tuple[int, list[tuple[bytes, bytes]], Framing, bool]:
+    async def _head(self, connection: _Connection, method: str) -> Head:
         while True:
-            head = await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES)
-            status, headers, framing, keep_alive = _parse_head(head, method)
-            if status == 101:
+            head = parse_head(await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES), method)
+            if head.status == 101:
                 raise UpstreamBroken("protocol switch")
-            if status >= 200:
-                return status, headers, framing, keep_alive
+            if head.status >= 200:
+                return head
 
     async def _rest(
         self,

@@ -40,6 +40,21 @@ def date_line() -> bytes:
     return line
 
 
+_header_keys: dict[bytes, str] = {}  # clients repeat their header names: each normalised once
+_HEADER_KEYS_KEPT = 4096
+
+
+def header_key(raw_name: bytes) -> str:
+    """A header's name as the gateway reads it: lower case, `_` read as `-` (CGI-style servers
+    read X_Auth_Status as X-Auth-Status, so the gateway must too)."""
+    key = _header_keys.get(raw_name)
+    if key is None:
+        key = raw_name.decode("latin-1").lower().replace("_", "-")
+        if len(_header_keys) < _HEADER_KEYS_KEPT:
+            _header_keys[raw_name] = key
+    return key
+
+
 def header_lines(headers: Iterable[tuple[str, str]]) -> list[bytes]:
     return [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in headers]
 
@@ -64,7 +79,7 @@ class BodyState(Enum):
 class Request:
     __slots__ = (
         "_chunks",
-        "_index",
+        "_keys",
         "_limit",
         "_size",
         "_waiter",
@@ -108,26 +123,34 @@ class Request:
         self._chunks: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._index: dict[str, list[str]] | None = None
+        self._keys: list[str] | None = None
 
     # --- headers -------------------------------------------------------------------------------
 
-    def header(self, lower_name: str) -> str | None:
-        """The first value of a header, by its lower-case name."""
-        values = self._headers().get(lower_name)
-        return values[0] if values else None
+    def header_keys(self) -> list[str]:
+        """Each received header's `header_key`, in the order of `raw_headers`."""
+        keys = self._keys
+        if keys is None:
+            known = _header_keys.get
+            keys = self._keys = [known(name) or header_key(name) for name, _ in self.raw_headers]
+        return keys
 
-    def header_values(self, lower_name: str) -> list[str]:
-        return self._headers().get(lower_name, [])
+    def header(self, key: str) -> str | None:
+        """The first value of a header, by its `header_key`."""
+        keys = self.header_keys()
+        if key not in keys:
+            return None
+        return self.raw_headers[keys.index(key)][1].decode("utf-8", "surrogateescape")
 
-    def _headers(self) -> dict[str, list[str]]:
-        if self._index is None:
-            index: dict[str, list[str]] = {}
-            for name, value in self.raw_headers:
-                key = name.decode("latin-1").lower()
-                index.setdefault(key, []).append(value.decode("utf-8", "surrogateescape"))
-            self._index = index
-        return self._index
+    def header_values(self, key: str) -> list[str]:
+        keys = self.header_keys()
+        if key not in keys:
+            return []
+        return [
+            value.decode("utf-8", "surrogateescape")
+            for k, (_, value) in zip(keys, self.raw_headers, strict=True)
+            if k == key
+        ]
 
     # --- the body, as the connection receives it -----------------------------------------------
 

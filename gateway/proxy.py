@@ -15,7 +15,7 @@ from yarl import URL
 
 from gateway.config import UpstreamSettings
 from gateway.extract import normalise_header_name
-from gateway.http1 import UPSTREAM_FAILURES, Answer, Client, ConnectionPool
+from gateway.http1 import UPSTREAM_FAILURES, Answer, Client, ConnectionPool, Head
 from gateway.messages import date_line, header_lines
 from gateway.reasons import Reason, Rejected
 
@@ -43,20 +43,6 @@ _REQUEST_DROPPED = frozenset(
         "x-authenticated-user",
     }
 )
-_RESPONSE_DROPPED = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    }
-)
-
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -109,100 +95,80 @@ class Forwarding:
 
 
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
-_RESPONSE_DROPPED_BYTES = frozenset(name.encode() for name in _RESPONSE_DROPPED)
-
-_header_keys: dict[bytes, str] = {}  # a client's header names repeat: normalised once each
-_HEADER_KEYS_KEPT = 4096
+_NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
 
 
-def _header_key(raw_name: bytes) -> str:
-    """The name as the gateway compares it: lower case, `_` read as `-` (CGI-style servers
-    read X_Auth_Status as X-Auth-Status)."""
-    key = _header_keys.get(raw_name)
-    if key is None:
-        key = raw_name.decode("latin-1").lower().replace("_", "-")
-        if len(_header_keys) < _HEADER_KEYS_KEPT:
-            _header_keys[raw_name] = key
-    return key
+def _has_scheme(raw_value: bytes, names: frozenset[tuple[str, str]], key: str) -> bool:
+    return any(
+        key == name and raw_value.strip().lower().startswith(scheme.encode() + b" ")
+        for name, scheme in names
+    )
 
 
 def forward_headers(
-    raw_headers: Iterable[tuple[bytes, bytes]], forwarding: Forwarding
+    keys: list[str], raw_headers: list[tuple[bytes, bytes]], forwarding: Forwarding
 ) -> list[bytes]:
     """The request's headers as the upstream gets them ("Name: value" lines, the client's
-    bytes unchanged), in one pass over what was received."""
-    out: list[tuple[str, bytes]] = []
-    forwarded_for: list[str] = []
-    kept_forwarded: dict[str, str] = {}
-    connection_named: set[str] = set()
-    host = ""
+    bytes unchanged), in one pass over what was received; `keys` are their `header_key`s."""
+    connection_named: frozenset[str] | set[str] = frozenset()
+    if "connection" in keys:  # headers the client marked hop-by-hop, wherever they came
+        connection_named = _connection_named(
+            value.decode("latin-1")
+            for key, (_, value) in zip(keys, raw_headers, strict=True)
+            if key == "connection"
+        )
     drop, scheme_drop, trusted = (
         forwarding.drop,
         forwarding.token_scheme_drop,
         forwarding.peer_trusted,
     )
-    for raw_name, raw_value in raw_headers:
-        key = _header_key(raw_name)
-        if key in _FORWARDING:
-            if trusted:
-                value = raw_value.decode("utf-8", "surrogateescape")
-                if key == "x-forwarded-for":
-                    forwarded_for.append(value)
-                elif key == "forwarded":
-                    out.append((key, raw_name + b": " + raw_value))
-                else:
-                    kept_forwarded.setdefault(key, value)
+    lines: list[bytes] = []
+    forwarded_for: list[bytes] = []
+    kept_forwarded: dict[str, bytes] = {}
+    host: bytes | None = None
+    for key, (raw_name, raw_value) in zip(keys, raw_headers, strict=True):
+        if key in _NOT_RELAYED:
+            if key not in _FORWARDING:
+                if key == "host" and host is None:
+                    host = raw_value
+            elif not trusted:
+                pass
+            elif key == "x-forwarded-for":
+                forwarded_for.append(raw_value)
+            elif key == "forwarded":
+                if key not in connection_named:
+                    lines.append(raw_name + b": " + raw_value)
+            else:
+                kept_forwarded.setdefault(key, raw_value)
             continue
-        if key in _REQUEST_DROPPED or key in drop:
-            if key == "connection":
-                connection_named |= _connection_named((raw_value.decode("latin-1"),))
-            elif key == "host":
-                host = host or raw_value.decode("utf-8", "surrogateescape")
+        if key in drop or key in connection_named:
             continue
-        if scheme_drop and any(
-            key == n and raw_value.strip().lower().startswith(s.encode() + b" ")
-            for n, s in scheme_drop
-        ):
+        if scheme_drop and _has_scheme(raw_value, scheme_drop, key):
             continue
-        out.append((key, raw_name + b": " + raw_value))
-    if connection_named:  # headers the client marked hop-by-hop, wherever they came
-        out = [(key, line) for key, line in out if key not in connection_named]
-    forwarded_for.append(forwarding.peer or "unknown")
-    added = [
-        ("X-Forwarded-For", ", ".join(forwarded_for)),
-        ("X-Forwarded-Proto", kept_forwarded.get("x-forwarded-proto", "http")),
-        ("X-Forwarded-Host", kept_forwarded.get("x-forwarded-host", host)),
-        ("X-Request-Id", forwarding.request_id),
-        ("X-Auth-Status", forwarding.auth_status),
-    ]
+        lines.append(raw_name + b": " + raw_value)
+    forwarded_for.append((forwarding.peer or "unknown").encode())
+    lines += (
+        b"X-Forwarded-For: " + b", ".join(forwarded_for),
+        b"X-Forwarded-Proto: " + kept_forwarded.get("x-forwarded-proto", b"http"),
+        b"X-Forwarded-Host: " + kept_forwarded.get("x-forwarded-host", host or b""),
+        b"X-Request-Id: " + forwarding.request_id.encode(),
+        b"X-Auth-Status: " + forwarding.auth_status.encode(),
+    )
     if forwarding.authenticated_user is not None:
-        added.append(("X-Authenticated-User", forwarding.authenticated_user))
-    lines = [line for _, line in out]
-    lines += [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in added]
+        lines.append(b"X-Authenticated-User: " + forwarding.authenticated_user.encode())
     return lines
 
 
-def response_headers(
-    headers: list[tuple[bytes, bytes]], owned: list[tuple[str, str]]
-) -> list[bytes]:
-    """The upstream's header lines without hop-by-hop ones, with the gateway's `owned` headers
-    in place of any the upstream sent under those names, and a `Date` if it sent none."""
-    connection_named = {
-        token.strip()
-        for key, line in headers
-        if key == b"connection"
-        for token in line.partition(b":")[2].lower().replace(b"_", b"-").split(b",")
-    }
-    replaced = {name.lower().encode() for name, _ in owned}
-    out: list[bytes] = []
-    dated = False
-    for key, line in headers:
-        if key in _RESPONSE_DROPPED_BYTES or key in connection_named or key in replaced:
-            continue
-        dated = dated or key == b"date"
-        out.append(line)
+def response_headers(head: Head, owned: list[tuple[str, str]]) -> list[bytes]:
+    """The upstream's end-to-end header lines, with the gateway's `owned` headers in place of
+    any the upstream sent under those names, and a `Date` if it sent none."""
+    replaced = [name.lower().encode() for name, _ in owned]
+    if any(name in head.names for name in replaced):
+        out = [line for line in head.lines if line.partition(b":")[0].lower() not in replaced]
+    else:
+        out = list(head.lines)
     out += header_lines(owned)
-    if not dated:
+    if b"date" not in head.names:
         out.append(date_line())
     return out
 

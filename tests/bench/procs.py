@@ -255,16 +255,17 @@ def _stat_fields(pid: int) -> list[str]:
     return text[text.rindex(")") + 2 :].split()
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User plus system CPU time of these processes (all their threads), in seconds."""
-    ticks = 0
+def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """User and system CPU time of these processes (all their threads), in seconds."""
+    user = system = 0
     for pid in pids:
         try:
             fields = _stat_fields(pid)
         except (OSError, ValueError):
             continue  # gone
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / CLOCK_TICKS
+        user += int(fields[11])  # utime, stime: fields 14 and 15
+        system += int(fields[12])
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def descendants(ancestor: int) -> list[int]:

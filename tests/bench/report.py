@@ -62,9 +62,10 @@ def _cells(row: Row, rows: dict[str, Row]) -> list[str]:
     median = row.median
     assert median is not None
     if not row.valid:  # fast refusals must not read as a fast proxy: no figure but the count
-        return [row.label, "INVALID", "-", "-", str(row.non_2xx), "-", "-", "-", "n/a", "n/a"]
+        return [row.label, "INVALID", "-", "-", str(row.non_2xx), "-", "-", "-", "-", "n/a", "n/a"]
     cpu = median.cpu_us_per_request
     load = median.load_core_percent
+    kernel = median.kernel_percent
     return [
         row.label,
         f"{median.rps:,.0f}",
@@ -73,6 +74,7 @@ def _cells(row: Row, rows: dict[str, Row]) -> list[str]:
         str(row.non_2xx),
         f"{cpu:.0f}" if cpu is not None else "n/a",
         f"{median.cpu_percent:.0f}",
+        f"{kernel:.0f}" if kernel is not None else "n/a",
         f"{load:.0f}" if load is not None else "n/a",
         ratio(row, rows.get(BASELINE_HAPROXY)),
         ratio(row, rows.get(BASELINE_UPSTREAM)),
@@ -87,6 +89,7 @@ HEADERS = [
     "non-2xx",
     "proxy CPU µs/req",
     "proxy CPU %",
+    "in kernel %",
     "load core %",
     "vs HAProxy-jwt",
     "vs bare upstream",

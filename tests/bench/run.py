@@ -425,7 +425,7 @@ def print_report(rows: list[report.Row], info: dict[str, Any], json_path: Path) 
         "",
         *report.footnotes(rows),
         "proxy CPU: user+system time of the process under test (nginx worker, haproxy or "
-        "gateway) during the run, per request",
+        "gateway) during the run, per request; in kernel: the share of it spent in system calls",
         f"JSON:     {json_path}",
     ]
     print("\n".join(lines), flush=True)

@@ -63,6 +63,7 @@ class RunResult:
     proxy_core_percent: float | None  # how busy the proxy's core was, whoever used it
     load_core_percent: float | None  # how busy the core of wrk and the upstream was
     command: str
+    kernel_percent: float | None = None  # the proxy's CPU time spent in the kernel (syscalls)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -128,12 +129,13 @@ def run_wrk(
         "BENCH_THREADS": str(load.threads),
     }
     pids = list(cpu_pids())
-    cpu_before = cpu_seconds(pids)
+    user_before, system_before = cpu_seconds(pids)
     cores = CoreUse(load.proxy_core, load.load_core)
     done = subprocess.run(
         argv, capture_output=True, text=True, env=env, timeout=seconds + 120, check=False
     )
-    cpu_used = cpu_seconds(pids) - cpu_before
+    user_after, system_after = cpu_seconds(pids)
+    user, system = user_after - user_before, system_after - system_before
     proxy_core_percent, load_core_percent = cores.percent()
     if done.returncode != 0 or RESULT_MARKER not in done.stdout:
         raise BenchError(
@@ -148,7 +150,8 @@ def run_wrk(
             shlex.join(argv),
         ]
     )
-    result = _result(raw, target, round_index, cpu_used, load.threads, command)
+    result = _result(raw, target, round_index, user + system, load.threads, command)
+    result.kernel_percent = system / (user + system) * 100 if user + system > 0 else None
     result.proxy_core_percent = proxy_core_percent
     result.load_core_percent = load_core_percent
     result.problems = _problems(result, reuse_is_invalid)
