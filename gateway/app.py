@@ -206,7 +206,9 @@ class Gateway:
         parts = RequestParts(collect_headers(keys, request.raw_headers, route.watched_headers), {})
         project = self._resolve_project(config, route, params, parts, exchange)
         limits = config.settings.limits
-        body = await self._read_body(request, limits)
+        body = request.complete_body()
+        if body is None or len(body) > limits.max_body_bytes:
+            body = await self._read_body(request, limits)
 
         sdk_mode = project.mode if route.sdk_jwt else "disabled"
         exchange.mode = sdk_mode
@@ -246,7 +248,8 @@ class Gateway:
                     or bound.key_uses[project.label, JWKS_URL_KID]
                 )
                 key_use.inc()
-                self.counter.reset(self._session_key(project, exchange, attempt))
+                if not self.counter.empty:
+                    self.counter.reset(self._session_key(project, exchange, attempt))
 
         return await self._forward(
             request, config, bound, target, exchange, status, attempt, checked.body, checked.decoded

@@ -214,7 +214,7 @@ def _token_from_header(value: str, scheme: str | None) -> str | None:
     return rest.strip() or None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FoundToken:
     token: str
     sources: tuple[Source, ...]  # every place it was found, so it can be stripped from each

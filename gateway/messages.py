@@ -181,6 +181,14 @@ class Request:
 
     # --- the body, as the pipeline reads it ----------------------------------------------------
 
+    def complete_body(self) -> bytes | None:
+        """The body, when it came whole with the head and no `100 Continue` is owed; else None
+        (then `body` waits for it)."""
+        if self.body_state is not BodyState.COMPLETE or self.expects_continue:
+            return None
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def body(self, within_seconds: float) -> bytes:
         """The whole body; 413 past the limit, 400 for broken framing or running out of time."""
         if self.expects_continue:  # sent even when the body came early: the client asked

@@ -81,7 +81,7 @@ def strip_query(raw_query: str | None, names: frozenset[str]) -> str | None:
     return "&".join(kept) if kept else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: a frozen dataclass's __init__ costs twice as much
 class Forwarding:
     """What the gateway adds to, or removes from, a request it forwards."""
 

@@ -24,7 +24,23 @@ class Target:
     query: str | None  # raw, as received; None when the target has no `?`
 
 
+# Clients send the same few targets again and again: each valid one is checked once.
+_targets: dict[str, Target] = {}
+_TARGETS_KEPT = 4096
+_MATCHES_KEPT = 4096
+
+
 def parse_target(raw: str) -> Target:
+    target = _targets.get(raw)
+    if target is None:
+        target = _parse_target(raw)
+        if len(_targets) >= _TARGETS_KEPT:
+            _targets.clear()
+        _targets[raw] = target
+    return target
+
+
+def _parse_target(raw: str) -> Target:
     path, sep, query = raw.partition("?")
     if not _PATH.fullmatch(path):
         raise Rejected(Reason.PATH_INVALID)
@@ -97,12 +113,23 @@ class Router(Generic[RouteT]):
 
     def __init__(self, entries: list[RouteEntry[RouteT]]) -> None:
         self._entries = tuple(entries)
+        self._matches: dict[tuple[str, str], tuple[RouteT, dict[str, str]]] = {}
 
     @property
     def entries(self) -> tuple[RouteEntry[RouteT], ...]:
         return self._entries
 
     def match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
+        """The route and its placeholders' values (a dict the caller must not change)."""
+        found = self._matches.get((method, path))
+        if found is None:
+            found = self._match(method, path)
+            if len(self._matches) >= _MATCHES_KEPT:
+                self._matches.clear()
+            self._matches[method, path] = found
+        return found
+
+    def _match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
         allowed: set[str] = set()
         for entry in self._entries:
             found = entry.pattern.fullmatch(path)

@@ -41,4 +41,9 @@ class FailureCounter(Protocol):
         """Clear a session after a success, off the request's path."""
         ...
 
+    @property
+    def empty(self) -> bool:
+        """True when no session can have a failure counted: a reset would change nothing."""
+        ...
+
     async def close(self) -> None: ...

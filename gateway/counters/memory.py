@@ -34,6 +34,10 @@ class MemoryFailureCounter:
     def reset(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
 
+    @property
+    def empty(self) -> bool:
+        return not self._sessions
+
     async def close(self) -> None:
         self._sessions.clear()
 

@@ -1,0 +1,642 @@
+"""The hot path's optimisations, each pinned by a test that fails if the shortcut is wrong.
+
+- `loads_strict` reads most documents with orjson (which keeps the last of two duplicate keys)
+  and counts colons to prove no member was dropped; backslashes and long digit runs take the
+  strict decoder. Tested directly, against `json.loads` and an independent strict oracle.
+- Request header names are read normalised everywhere (`header_key`: lower case, `_` as `-`),
+  so `Content_Encoding` and `X_Request_Id` mean what `Content-Encoding` and `X-Request-Id` do.
+- Upstream answer heads are parsed once per distinct head bytes; a HEAD answer's framing
+  depends on the method, and hop-by-hop fields, the request id and `Date` must come out right on
+  the cached path as on the first.
+
+Everything end to end runs through the real gateway on loopback; the upstreams that must send
+exact bytes are asyncio servers written here (they keep the connection alive, so a framing
+mistake shows up on the next answer rather than being hidden by a fresh connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.http1 import parse_head
+from gateway.jsonstrict import JSONRejected, loads_strict
+from gateway.messages import header_key
+from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
+
+EVENTS = "/track/v2/projects/app/customers/events"
+BATCH = "/track/v2/projects/app/batch"
+SDK_CONFIG = "/v2/sdkconfig"
+ANONYMOUS = b'{"customer_ids": {"cookie": "c-1"}}'
+
+
+def normalised(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def post(path: str, lines: list[str], body: bytes) -> bytes:
+    head = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json"]
+    head += [*lines, f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+# === loads_strict ================================================================================
+
+
+def strict_oracle(data: bytes) -> tuple[str, Any]:
+    """An independent strict reading: ("ok", value) or ("rejected", whether for a duplicate)."""
+
+    class Duplicate(Exception):
+        pass
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in members}) != len(members):
+            raise Duplicate
+        return dict(members)
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+
+    def constant(name: str) -> Any:
+        raise ValueError(name)
+
+    try:
+        text = data.decode("utf-8")
+        if text.startswith("\ufeff"):
+            return ("rejected", False)
+        value = json.loads(
+            text, object_pairs_hook=pairs, parse_float=finite, parse_constant=constant
+        )
+    except Duplicate:
+        return ("rejected", True)
+    except (ValueError, RecursionError):
+        return ("rejected", False)
+    return ("ok", value)
+
+
+def outcome(data: bytes) -> tuple[str, Any]:
+    try:
+        return ("ok", loads_strict(data))
+    except JSONRejected as refused:
+        return ("rejected", refused.duplicate_key)
+
+
+def same_value(got: Any, expected: Any) -> bool:
+    """Equal, and of the same types all the way down (1 is not 1.0, True is not 1)."""
+    return repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"a":1,"a":2}', id="plain"),
+        pytest.param(b'{"a" : 1 , "a" : 2}', id="whitespace_around_colons"),
+        pytest.param(b'{"a":"x:y","a":"z"}', id="dropped_value_has_a_colon"),
+        pytest.param(b'{"a":"z","a":"x:y"}', id="surviving_value_has_a_colon"),
+        pytest.param(b'{"a":"::::","a":"z","b":"::"}', id="dropped_value_all_colons"),
+        pytest.param(b'{"a":"http://h:1/p","a":"http://h:2/p"}', id="urls"),
+        pytest.param(b'{"a:b":1,"a:b":2}', id="key_has_a_colon"),
+        pytest.param(b'{":":":",":":":"}', id="key_and_value_are_colons"),
+        pytest.param(b'{"a":"x","a":"y\\u003a"}', id="surviving_escaped_colon_slow_path"),
+        pytest.param(b'{"a":"x\\u003a","a":"y"}', id="dropped_escaped_colon_slow_path"),
+        pytest.param(b'{"a:b":1,"a\\u003ab":2}', id="same_key_one_escaped"),
+        pytest.param(b'{"\\u0061":1,"a":2}', id="same_key_spelled_two_ways"),
+        pytest.param(b'[{"a":1},{"b":2,"b":3}]', id="in_array_of_objects"),
+        pytest.param(b'{"x":[{"id":"u:1","id":"u:2"}]}', id="in_array_with_colons"),
+        pytest.param(b'[[[{"k":[{"k":1,"k":"v:w"}]}]]]', id="deep_in_arrays"),
+        pytest.param(b'{"o":{"i":{"k":"a:b","k":"c"}}}', id="depth_three"),
+        pytest.param(b'{"a":{"b":1},"a":{"b":1}}', id="identical_objects"),
+        pytest.param(b'{"a":null,"a":null}', id="identical_nulls"),
+        pytest.param('{"é:ü":1,"é:ü":2}'.encode(), id="unicode_key_with_colon"),
+        pytest.param(b'{"n":12345678901234567890,"n":1}', id="with_long_int_slow_path"),
+        pytest.param(b'{"": 1, "": 2}', id="empty_key"),
+        pytest.param(
+            b'{"customer_ids":{"registered":"alice","registered":"alice:x"}}',
+            id="identity_then_impostor",
+        ),
+        pytest.param(b"[" * 300 + b'{"a":1,"a":2}' + b"]" * 300, id="under_300_arrays"),
+    ],
+)
+def test_duplicate_keys_are_refused(data: bytes) -> None:
+    with pytest.raises(JSONRejected) as refused:
+        loads_strict(data)
+    assert refused.value.duplicate_key is True
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"a":1}', id="one_member"),
+        pytest.param(b'{"a" : 1}', id="spaces_around_colon"),
+        pytest.param(b' \n\t{ "a" :\r\n 1 , "b":2 } \n', id="all_json_whitespace"),
+        pytest.param(b'{"a:b":"c:d","e":"::"}', id="colons_in_keys_and_values"),
+        pytest.param(b'{"url":"https://u:p@h:8443/a:b?c=d:e#f:g"}', id="url"),
+        pytest.param(b'{"a":[{"a":1},{"a":2}],"b":{"a":{"a":[]}}}', id="same_key_other_objects"),
+        pytest.param(b'{"a":1,"A":2}', id="keys_differing_in_case"),
+        pytest.param('{"名前":"Zoë: ünïcödé ☃","k":"😀"}'.encode(), id="unicode_unescaped"),
+        pytest.param(b"[1.5,-0.25,1e10,-2.5E-3,0.1,5e-324,1.7976931348623157e308]", id="floats"),
+        pytest.param(b"[-1,-0,0,-0.0,-999999999999999999]", id="negatives"),
+        pytest.param(b'{"t":true,"f":false,"n":null}', id="literals"),
+        pytest.param(b'"a:b"', id="top_level_string"),
+        pytest.param(b"[]", id="empty_array"),
+        pytest.param(b"{}", id="empty_object"),
+        pytest.param(b'{"a":"x","b":"y\\u003a","c":"\\"q\\""}', id="escapes_slow_path"),
+        pytest.param(b'{"\\u0061":1,"b":2}', id="escaped_key_no_duplicate"),
+    ],
+)
+def test_documents_without_duplicates_read_as_json_loads(data: bytes) -> None:
+    assert same_value(loads_strict(data), json.loads(data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"123456789012345678",  # 18 digits: the fast path
+        b"-123456789012345678",
+        b"999999999999999999",
+        b"1234567890123456789",  # 19 digits: the strict decoder
+        b"9223372036854775807",
+        b"9223372036854775808",
+        b"-9223372036854775809",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"12345678901234567890123",
+        b"-12345678901234567890123",
+        b'{"a":{"b":[12345678901234567890123,18446744073709551616]},"c":"x:y"}',
+        b'[{"id":123456789012345678},{"id":-9223372036854775809}]',
+    ],
+)
+def test_long_integers_stay_exact(data: bytes) -> None:
+    got, expected = loads_strict(data), json.loads(data)
+    assert same_value(got, expected)
+
+    def ints(value: Any) -> list[Any]:
+        if isinstance(value, dict):
+            return [i for v in value.values() for i in ints(v)]
+        if isinstance(value, list):
+            return [i for v in value for i in ints(v)]
+        return [value] if isinstance(value, int | float) else []
+
+    assert all(type(i) is int for i in ints(got)), got
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"1e400", id="overflow"),
+        pytest.param(b"[-1e400]", id="negative_overflow"),
+        pytest.param(b'{"a":{"b":1E999}}', id="nested_overflow"),
+        pytest.param(b'{"a":"\\n","b":1e400}', id="overflow_slow_path"),
+        pytest.param(b"[12345678901234567890,1e400]", id="overflow_with_long_int"),
+        pytest.param(b"NaN", id="nan"),
+        pytest.param(b'{"a":NaN}', id="nan_member"),
+        pytest.param(b"[Infinity]", id="infinity"),
+        pytest.param(b"-Infinity", id="minus_infinity"),
+        pytest.param(b'\xef\xbb\xbf{"a":1}', id="bom"),
+        pytest.param(b'{"a":"\xff"}', id="invalid_utf8"),
+        pytest.param(b'{"a":"\xc0\x80"}', id="overlong_utf8"),
+        pytest.param(b'"\xed\xa0\x80"', id="encoded_surrogate"),
+        pytest.param(b'{"a":1} x', id="trailing_garbage"),
+        pytest.param(b'{"a":1}{"a":2}', id="two_documents"),
+        pytest.param(b'{"a":1}\x00', id="trailing_nul"),
+        pytest.param(b"[1]]", id="extra_bracket"),
+        pytest.param(b'{"a":1,}', id="trailing_comma"),
+        pytest.param(b'{"a":"x\x01y"}', id="raw_control_character"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"1" * 5000, id="int_past_pythons_digit_limit"),
+    ],
+)
+def test_non_json_and_non_finite_are_refused_not_as_duplicates(data: bytes) -> None:
+    with pytest.raises(JSONRejected) as refused:
+        loads_strict(data)
+    assert refused.value.duplicate_key is False
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"[" * 300 + b"]" * 300, id="300_arrays"),
+        pytest.param(b'{"a":' * 300 + b"1" + b"}" * 300, id="300_objects"),
+        pytest.param(b'[{"k":"a:b","v":' * 150 + b"0" + b"}]" * 150, id="300_mixed_with_colons"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="5000_arrays"),
+    ],
+)
+def test_deep_nesting_parses_as_json_loads_or_is_refused(data: bytes) -> None:
+    kind, value = outcome(data)
+    if kind == "ok":
+        assert value == json.loads(data)
+    else:
+        assert value is False  # refused, and not as a duplicate
+
+
+# Raw JSON text pieces, chosen to meet the shortcut's edges: colons in keys and values,
+# escapes (the strict decoder), runs of 18 and 19+ digits, keys that collide once decoded.
+_KEYS = st.sampled_from(["a", "b", "a:b", ":", "é", "http://h:1", "\\u003a", "a\\u003ab", ""])
+_SCALARS = st.one_of(
+    st.sampled_from(
+        [
+            "0", "-0", "1.5", "-2.5e-3", "1E5", "true", "false", "null", '"x:y"', '"::"', '""',
+            '"\\u003a"', '"é:ü"', '"a\\"b"', "123456789012345678", "12345678901234567890",
+            "-9223372036854775809",
+        ]
+    ),
+    st.integers(min_value=-(10**25), max_value=10**25).map(str),
+)  # fmt: skip
+_SPACE = st.sampled_from(["", " ", "\n "])
+
+
+def _containers(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    member = st.tuples(_KEYS, _SPACE, children).map(lambda m: f'"{m[0]}"{m[1]}:{m[1]}{m[2]}')
+    return st.one_of(
+        st.lists(member, max_size=4).map(lambda ms: "{" + ",".join(ms) + "}"),
+        st.lists(children, max_size=4).map(lambda vs: "[" + ", ".join(vs) + "]"),
+    )
+
+
+_DOCUMENTS = st.recursive(_SCALARS, _containers, max_leaves=12)
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(_DOCUMENTS)
+def test_loads_strict_agrees_with_an_independent_strict_reading(document: str) -> None:
+    data = document.encode()
+    got, expected = outcome(data), strict_oracle(data)
+    assert got[0] == expected[0], (document, got, expected)
+    if got[0] == "ok":
+        assert same_value(got[1], expected[1]), document
+    else:
+        assert got[1] == expected[1], document
+
+
+# === duplicate identity keys, end to end =========================================================
+
+
+async def test_duplicate_identity_key_with_colons_is_refused_before_the_upstream(
+    make_gateway: GatewayFactory, upstream: Upstream, tokens: Tokens
+) -> None:
+    gateway = await make_gateway()
+    token = f"X-Sdk-Auth-Token: {tokens.good('alice')}"
+    cases = [
+        (EVENTS, b'{"customer_ids":{"registered":"alice","registered":"alice:x"}}'),
+        (EVENTS, b'{"customer_ids":{"registered":"alice","registered":"mallory:1:2"},"t":"a:b"}'),
+        (EVENTS, b'{"customer_ids":{"registered":"alice","registered":"alice\\u003ax"}}'),
+        (
+            BATCH,
+            b'{"commands":[{"data":{"customer_ids":{"registered":"alice"}}},'
+            b'{"data":{"customer_ids":{"registered":"alice","registered":"alice:x"}}}]}',
+        ),
+    ]
+    for path, body in cases:
+        answer = await raw_request(gateway.port, post(path, [token], body))
+        assert answer.status == 400, (body, answer.body)
+        error = answer.json()["error"]
+        assert (error["code"], error["reason"]) == ("BAD_REQUEST", "duplicate_key"), body
+        assert error["request_id"] == answer.headers["x-request-id"]
+    assert upstream.received == []
+    # The same token and user without the duplicate pass: the refusals above were for it.
+    single = b'{"customer_ids":{"registered":"alice"},"note":"alice:x"}'
+    answer = await raw_request(gateway.port, post(EVENTS, [token], single))
+    assert answer.status == 200, answer.body
+    assert [r.body for r in upstream.received] == [single.decode()]
+    assert upstream.last_headers()["x-authenticated-user"] == "alice"
+
+
+# === request header names read normalised ========================================================
+
+
+def test_header_key_reads_underscore_as_dash_in_lower_case() -> None:
+    assert header_key(b"Content_Encoding") == "content-encoding"
+    assert header_key(b"X_REQUEST_ID") == "x-request-id"
+    assert header_key(b"x-request-id") == "x-request-id"
+
+
+@pytest.mark.parametrize(
+    "name", ["Content-Encoding", "Content_Encoding", "content_encoding", "CONTENT_ENCODING"]
+)
+async def test_content_encoding_under_any_spelling_is_decoded_authorised_and_stripped(
+    make_gateway: GatewayFactory, upstream: Upstream, tokens: Tokens, name: str
+) -> None:
+    gateway = await make_gateway()
+    plain = b'{"customer_ids": {"registered": "alice"}, "at": "12:00:01"}'
+    compressed = gzip.compress(plain)
+    # The decoded identity is what is authorised: a token for someone else is refused ...
+    mismatch = [f"{name}: gzip", f"X-Sdk-Auth-Token: {tokens.good('mallory')}"]
+    refused = await raw_request(gateway.port, post(EVENTS, mismatch, compressed))
+    assert refused.status == 401, refused.body
+    assert refused.json()["error"]["reason"] == "subject_mismatch"
+    assert upstream.received == []
+    # ... and the decoded bytes are what is forwarded, under no Content-Encoding spelling.
+    matching = [f"{name}: gzip", f"X-Sdk-Auth-Token: {tokens.good('alice')}"]
+    answer = await raw_request(gateway.port, post(EVENTS, matching, compressed))
+    assert answer.status == 200, answer.body
+    received = upstream.received[-1]
+    assert received.body == plain.decode()
+    forwarded = [(normalised(n), v) for n, v in received.headers]
+    assert [v for n, v in forwarded if n == "content-encoding"] == []
+    assert [v for n, v in forwarded if n == "content-length"] == [str(len(plain))]
+    assert dict(forwarded)["x-authenticated-user"] == "alice"
+
+
+@pytest.mark.parametrize("name", ["X-Request-Id", "X_Request_Id", "x_request_id"])
+async def test_request_id_under_any_spelling_is_used_and_forwarded_once(
+    make_gateway: GatewayFactory, upstream: Upstream, name: str
+) -> None:
+    gateway = await make_gateway()
+    answer = await raw_request(gateway.port, post(EVENTS, [f"{name}: abc123"], ANONYMOUS))
+    assert answer.status == 200, answer.body
+    assert answer.headers["x-request-id"] == "abc123"
+    forwarded = upstream.received[-1].headers
+    assert [v for n, v in forwarded if normalised(n) == "x-request-id"] == ["abc123"]
+    # A refusal carries it too, in the header and in the contract's JSON.
+    identified = b'{"customer_ids": {"registered": "alice"}}'
+    refused = await raw_request(gateway.port, post(EVENTS, [f"{name}: abc123"], identified))
+    assert refused.status == 401, refused.body
+    assert refused.headers["x-request-id"] == "abc123"
+    assert refused.json()["error"]["request_id"] == "abc123"
+    assert len(upstream.received) == 1
+
+
+# === upstream answer heads, parsed once per distinct head ========================================
+
+
+def test_parse_head_framing_follows_the_method_for_one_head() -> None:
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Nonce: %s\r\nContent-Length: 5\r\n\r\n"
+        % os.urandom(8).hex().encode()
+    )
+    for method, kind, length in [("HEAD", "none", 0), ("GET", "length", 5)] * 2:
+        framing = parse_head(head, method).framing
+        assert (framing.kind, framing.length) == (kind, length), method
+
+
+class ScriptedUpstream:
+    """A keep-alive HTTP/1.1 upstream that answers each request with `answer(method)`, bytes
+    the test fixes (for HEAD, the head alone). It records (method, connection number, head)."""
+
+    def __init__(self, answer: Callable[[str], bytes]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, int, bytes]] = []
+        self._connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    @property
+    def methods(self) -> list[tuple[str, int]]:
+        return [(method, number) for method, number, _ in self.requests]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number, self._connections = self._connections, self._connections + 1
+        self._writers.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method = head.split(b" ", 1)[0].decode()
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and int(value):
+                        await reader.readexactly(int(value))
+                self.requests.append((method, number, head))
+                writer.write(self.answer(method))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the gateway closed its pooled connection
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+        if self._handlers:
+            _, pending = await asyncio.wait(self._handlers, timeout=5)
+            assert not pending, "an upstream handler did not finish"
+
+
+ScriptedFactory = Callable[[Callable[[str], bytes]], Awaitable[ScriptedUpstream]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedFactory]:
+    started: list[ScriptedUpstream] = []
+
+    async def start(answer: Callable[[str], bytes]) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(answer)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.close()
+
+
+def fixed(head: bytes, body: bytes) -> Callable[[str], bytes]:
+    """The same head for every method; the body only when the method has one."""
+    return lambda method: head if method == "HEAD" else head + body
+
+
+def unique_head(*lines: str) -> bytes:
+    """A head no other test sends (`X-Nonce`), so the first answer is really parsed afresh."""
+    nonce = f"X-Nonce: {os.urandom(8).hex()}"
+    return ("\r\n".join(["HTTP/1.1 200 OK", nonce, *lines]) + "\r\n\r\n").encode()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def values(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if normalised(n) == normalised(name)]
+
+
+class Client:
+    """One client connection to the gateway, one request at a time, every read bounded."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def ask(self, method: str, request_id: str | None = None) -> Answer:
+        lines = [f"{method} {SDK_CONFIG} HTTP/1.1", "Host: 127.0.0.1", "X-App-Id: app"]
+        if request_id is not None:
+            lines.append(f"X-Request-Id: {request_id}")
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await self.writer.drain()
+        async with asyncio.timeout(5):
+            head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            status_line, *fields = head[:-4].split("\r\n")
+            headers = [(n.strip(), v.strip()) for n, _, v in (f.partition(":") for f in fields)]
+            if method == "HEAD":
+                return Answer(int(status_line.split()[1]), headers, b"")
+            (length,) = [v for n, v in headers if n.lower() == "content-length"]
+            body = await self.reader.readexactly(int(length))
+        return Answer(int(status_line.split()[1]), headers, body)
+
+
+@contextlib.asynccontextmanager
+async def connect(port: int) -> AsyncIterator[Client]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield Client(reader, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def head_allowed(config: dict[str, Any]) -> None:
+    route = next(r for r in config["routes"] if r["name"] == "sdk-config")
+    route["methods"] = ["GET", "HEAD"]
+
+
+async def gateway_port(make_gateway: GatewayFactory, upstream: ScriptedUpstream) -> int:
+    running = await make_gateway(head_allowed, upstream={"url": upstream.url, "timeout_seconds": 5})
+    return running.port
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param(["HEAD", "GET", "GET", "HEAD", "GET"], id="head_first"),
+        pytest.param(["GET", "HEAD", "HEAD", "GET", "GET"], id="get_first"),
+    ],
+)
+async def test_head_and_get_with_one_head_both_frame_right(
+    make_gateway: GatewayFactory, scripted: ScriptedFactory, order: list[str]
+) -> None:
+    head = unique_head("Content-Type: text/plain", "Content-Length: 5")
+    upstream = await scripted(fixed(head, b"hello"))
+    port = await gateway_port(make_gateway, upstream)
+    async with connect(port) as client:
+        for method in order:
+            answer = await client.ask(method)
+            assert answer.status == 200, (method, answer)
+            assert answer.values("Content-Type") == ["text/plain"]
+            if method == "GET":
+                assert answer.body == b"hello"
+            else:
+                assert answer.values("Content-Length") in ([], ["5"])
+            assert answer.values("Connection") == []
+    # One upstream connection carried every exchange: no answer left bytes behind on it.
+    assert upstream.methods == [(method, 0) for method in order]
+
+
+@pytest.mark.parametrize(
+    ("connection", "secret"),
+    [
+        pytest.param("Connection: X-Secret", "X-Secret: 1", id="named"),
+        pytest.param("Connection: keep-alive, x-secret", "X-Secret: 1", id="among_others"),
+        pytest.param("Connection: X_Secret", "X-Secret: 1", id="named_with_underscore"),
+        pytest.param("Connection: X-Secret", "X_Secret: 1", id="sent_with_underscore"),
+    ],
+)
+async def test_hop_by_hop_answer_fields_never_reach_the_client(
+    make_gateway: GatewayFactory, scripted: ScriptedFactory, connection: str, secret: str
+) -> None:
+    head = unique_head(
+        connection,
+        secret,
+        "Keep-Alive: timeout=5",
+        "X-Visible: yes",
+        "Content-Type: application/json",
+        "Content-Length: 2",
+    )
+    upstream = await scripted(fixed(head, b"{}"))
+    port = await gateway_port(make_gateway, upstream)
+    async with connect(port) as client:
+        for _ in range(3):  # the first answer parses the head, the others find it cached
+            answer = await client.ask("GET")
+            assert (answer.status, answer.body) == (200, b"{}")
+            assert answer.values("X-Visible") == ["yes"]
+            assert answer.values("X-Secret") == []
+            assert answer.values("Keep-Alive") == []
+            assert answer.values("Connection") == []
+    assert upstream.methods == [("GET", 0)] * 3
+
+
+@pytest.mark.parametrize(
+    "upstream_lines",
+    [
+        pytest.param(["X-Request-Id: from-upstream"], id="upstream_sends_one"),
+        pytest.param(["x-request-id: from-upstream"], id="lower_case"),
+        pytest.param([], id="upstream_sends_none"),
+    ],
+)
+async def test_the_gateway_request_id_replaces_the_upstreams_on_every_answer(
+    make_gateway: GatewayFactory, scripted: ScriptedFactory, upstream_lines: list[str]
+) -> None:
+    upstream = await scripted(fixed(unique_head(*upstream_lines, "Content-Length: 2"), b"ok"))
+    port = await gateway_port(make_gateway, upstream)
+    async with connect(port) as client:
+        for n in range(3):  # the first answer parses the head, the others find it cached
+            answer = await client.ask("GET", f"client-{n}")
+            assert answer.values("X-Request-Id") == [f"client-{n}"]
+            assert answer.body == b"ok"
+        generated = await client.ask("GET")  # no id from the client: the gateway makes one
+        (request_id,) = generated.values("X-Request-Id")
+        assert request_id not in ("from-upstream", "client-0", "client-1", "client-2")
+    forwarded = [head for _, _, head in upstream.requests]
+    assert [f"X-Request-Id: client-{n}\r\n".encode() in forwarded[n] for n in range(3)] == [
+        True
+    ] * 3
+
+
+@pytest.mark.parametrize(
+    "date_line",
+    [
+        pytest.param("Date: Tue, 01 Jan 2030 00:00:00 GMT", id="date"),
+        pytest.param("date: Tue, 01 Jan 2030 00:00:00 GMT", id="lower_case"),
+    ],
+)
+async def test_the_upstreams_date_is_relayed_once(
+    make_gateway: GatewayFactory, scripted: ScriptedFactory, date_line: str
+) -> None:
+    upstream = await scripted(fixed(unique_head(date_line, "Content-Length: 2"), b"ok"))
+    port = await gateway_port(make_gateway, upstream)
+    async with connect(port) as client:
+        for _ in range(3):
+            answer = await client.ask("GET")
+            assert answer.values("Date") == ["Tue, 01 Jan 2030 00:00:00 GMT"]
+
+
+async def test_an_answer_without_date_gets_exactly_one(
+    make_gateway: GatewayFactory, scripted: ScriptedFactory
+) -> None:
+    upstream = await scripted(fixed(unique_head("Content-Length: 2"), b"ok"))
+    port = await gateway_port(make_gateway, upstream)
+    async with connect(port) as client:
+        for method in ["GET", "GET", "HEAD", "GET"]:
+            answer = await client.ask(method)
+            (date,) = answer.values("Date")
+            assert parsedate_to_datetime(date).tzinfo is not None, date
