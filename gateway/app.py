@@ -521,7 +521,8 @@ class Gateway:
                 "decision": exchange.decision,
                 "code": reason.code.name if reason else None,
                 "reason": reason.phrase if reason else None,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                # whole microseconds in milliseconds: round(x, 3) costs five times as much
+                "duration_ms": int((time.perf_counter() - started) * 1e6) / 1000,
                 "upstream_status": exchange.upstream_status,
                 "client": exchange.client or remote,
                 "token_sha256": exchange.token_fingerprint,

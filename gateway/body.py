@@ -17,6 +17,8 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 
 def content_coding(values: list[str]) -> str | None:
     """The one content coding named by the Content-Encoding headers, None for identity."""
+    if not values:
+        return None
     codings = [c.strip().lower() for v in values for c in v.split(",")]
     codings = [c for c in codings if c and c != "identity"]
     if not codings:
@@ -41,6 +43,8 @@ def decompress(body: bytes, coding: str, max_bytes: int) -> bytes:
 
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
+_accepted_media_types: set[str] = set()  # clients send a handful of values: each checked once
+_ACCEPTED_MEDIA_TYPES_KEPT = 256
 
 
 def check_media_type(values: list[str]) -> None:
@@ -49,7 +53,15 @@ def check_media_type(values: list[str]) -> None:
         return
     if len(values) > 1:
         raise Rejected(Reason.HEADER_DUPLICATE)
-    media_type, *params = values[0].split(";")
+    if values[0] in _accepted_media_types:
+        return
+    _check_media_type(values[0])
+    if len(_accepted_media_types) < _ACCEPTED_MEDIA_TYPES_KEPT:
+        _accepted_media_types.add(values[0])
+
+
+def _check_media_type(value: str) -> None:
+    media_type, *params = value.split(";")
     if media_type.strip().lower().startswith(_FORM_TYPES):
         raise Rejected(Reason.MEDIA_TYPE_UNSUPPORTED)
     for param in params:

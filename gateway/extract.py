@@ -144,11 +144,13 @@ def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
             for node in current:
                 if not isinstance(node, dict):
                     raise Rejected(Reason.IDENTITY_NOT_OBJECT)
-                if any(k != step and k.lower() == folded for k in node):
-                    # A case-insensitive upstream could read this spelling as ours, alone
-                    # or beside ours: either way, one request with two readings.
-                    raise Rejected(Reason.CASE_VARIANT_KEY)
                 value = node.get(step, _ABSENT)
+                # Keys that read as ours case-insensitively: ours alone, if present. Another
+                # spelling, alone or beside ours, is a second reading for a case-insensitive
+                # upstream. (Counted by C loops: a generator per node costs three times more.)
+                ours = 0 if value is _ABSENT else 1
+                if list(map(str.lower, node)).count(folded) != ours:
+                    raise Rejected(Reason.CASE_VARIANT_KEY)
                 if value is not _ABSENT:
                     following.append(value)
         current = following

@@ -120,6 +120,10 @@ class _Connection(asyncio.Protocol):
             await self._more(limit)
         return self._take(found + len(separator))
 
+    def take_buffered(self, size: int) -> bytes | None:
+        """`size` bytes if they have arrived already, else None (then `read_exactly`)."""
+        return self._take(size) if len(self._buffer) >= size else None
+
     async def read_exactly(self, size: int) -> bytes:
         while len(self._buffer) < size:
             await self._more(size)
@@ -188,25 +192,36 @@ class ConnectionPool:
     async def exchange(self) -> _Connection:
         """A connection for one exchange, whose reads fail with TimeoutError once the exchange
         has taken `exchange_timeout`; hand it back with `release`."""
-        connection = await self.acquire()
+        return self.exchange_idle() or self._begin(await self._acquire())
+
+    def exchange_idle(self) -> _Connection | None:
+        """`exchange` without waiting: an idle connection, or None when there is none."""
+        connection = self._take_idle()
+        return None if connection is None else self._begin(connection)
+
+    def _begin(self, connection: _Connection) -> _Connection:
         connection.deadline = connection.time() + self._exchange_timeout
         self._in_use.add(connection)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return connection
 
-    async def acquire(self) -> _Connection:
+    def _take_idle(self) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
             if connection.usable():
                 return connection
             self._discard(connection)
+        return None
+
+    async def _acquire(self) -> _Connection:
         while self._open >= self._max:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
-            if self._idle:
-                return await self.acquire()
+            idle = self._take_idle()
+            if idle is not None:
+                return idle
         self._open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -343,6 +358,8 @@ def _parse_head(head: bytes, method: str) -> Head:
     if not _FIELD_LINES.fullmatch(fields):
         raise UpstreamBroken("header line")
     status = int(code)
+    if status == 101:
+        raise UpstreamBroken("protocol switch")  # never asked for: nothing after it is HTTP
     received: list[tuple[bytes, bytes]] = []
     lengths: set[bytes] = set()
     codings: list[bytes] = []
@@ -429,16 +446,21 @@ class Client:
     async def request(
         self, method: str, target: str, header_lines: list[bytes], body: bytes
     ) -> Answer:
-        connection = await self._pool.exchange()
+        connection = self._pool.exchange_idle() or await self._pool.exchange()
         try:
             connection.write(encode_request(method, target, self._host, header_lines, body))
-            head = await self._head(connection, method)
+            while True:
+                head = parse_head(await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES), method)
+                if head.status >= 200:
+                    break  # an interim 1xx answer is read past
             framing, keep_alive = head.framing, head.keep_alive
             if framing.kind == "none" or (
                 framing.kind == "length" and framing.length <= self._buffer
             ):
                 # The usual small answer: one read, no generator.
-                whole = await connection.read_exactly(framing.length)
+                whole = connection.take_buffered(framing.length)
+                if whole is None:
+                    whole = await connection.read_exactly(framing.length)
                 self._pool.release(connection, reusable=keep_alive)
                 return Answer(head, whole, None)
             pieces = _body(connection, framing)
@@ -457,14 +479,6 @@ class Client:
             return Answer(head, bytes(buffered), None)
         rest = self._rest(connection, pieces, keep_alive)
         return Answer(head, bytes(buffered), rest)
-
-    async def _head(self, connection: _Connection, method: str) -> Head:
-        while True:
-            head = parse_head(await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES), method)
-            if head.status == 101:
-                raise UpstreamBroken("protocol switch")
-            if head.status >= 200:
-                return head
 
     async def _rest(
         self,

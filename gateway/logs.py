@@ -67,6 +67,7 @@ class AccessLog:
 
 
 _formatted_second: list[tuple[int, str]] = [(-1, "")]  # formatting a second once, not per line
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def utc_timestamp(epoch: float) -> str:
@@ -75,7 +76,7 @@ def utc_timestamp(epoch: float) -> str:
     if second != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _formatted_second[0] = (second, text)
-    return f"{text}.{int((epoch - second) * 1000):03d}Z"
+    return text + _MILLISECONDS[min(999, int((epoch - second) * 1000))]
 
 
 class JsonFormatter(logging.Formatter):

@@ -91,18 +91,11 @@ class Forwarding:
     peer: str | None
     peer_trusted: bool
     drop: frozenset[str]  # further normalised names: token headers, a decoded Content-Encoding
-    token_scheme_drop: frozenset[tuple[str, str]]  # (name, scheme): only values with that scheme
+    token_scheme_drop: dict[str, tuple[bytes, ...]]  # name → values starting b"scheme " dropped
 
 
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
 _NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
-
-
-def _has_scheme(raw_value: bytes, names: frozenset[tuple[str, str]], key: str) -> bool:
-    return any(
-        key == name and raw_value.strip().lower().startswith(scheme.encode() + b" ")
-        for name, scheme in names
-    )
 
 
 def forward_headers(
@@ -143,7 +136,7 @@ def forward_headers(
             continue
         if key in drop or key in connection_named:
             continue
-        if scheme_drop and _has_scheme(raw_value, scheme_drop, key):
+        if key in scheme_drop and raw_value.strip().lower().startswith(scheme_drop[key]):
             continue
         lines.append(raw_name + b": " + raw_value)
     forwarded_for.append((forwarding.peer or "unknown").encode())

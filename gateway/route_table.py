@@ -62,7 +62,8 @@ class Route:
     watched_headers: frozenset[str] = field(init=False)
     # What `forward_token: false` strips: whole headers, scheme-matched values, query parameters.
     token_header_drop: frozenset[str] = field(init=False)
-    token_scheme_drop: frozenset[tuple[str, str]] = field(init=False)
+    # name → b"scheme " prefixes; derived from `token`, so left out of equality and hashing
+    token_scheme_drop: dict[str, tuple[bytes, ...]] = field(init=False, compare=False, hash=False)
     token_query_drop: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,11 +80,11 @@ class Route:
         stripped = () if self.forward_token else self.token
         headers = [s for s in stripped if isinstance(s, HeaderSource)]
         set_(self, "token_header_drop", frozenset(s.name for s in headers if s.scheme is None))
-        set_(
-            self,
-            "token_scheme_drop",
-            frozenset((s.name, s.scheme) for s in headers if s.scheme is not None),
-        )
+        schemes: dict[str, tuple[bytes, ...]] = {}
+        for source in headers:
+            if source.scheme is not None:
+                schemes[source.name] = (*schemes.get(source.name, ()), f"{source.scheme} ".encode())
+        set_(self, "token_scheme_drop", schemes)
         set_(
             self,
             "token_query_drop",
