@@ -89,7 +89,7 @@ class Checked:
 
     body: bytes
     decoded: bool = False
-    status: AuthStatus = AuthStatus.DISABLED
+    status: str = AuthStatus.DISABLED
     attempt: Attempt = field(default_factory=Attempt)
     failure: Reason | None = None
 
@@ -239,7 +239,7 @@ class Gateway:
             status = AuthStatus.UNVERIFIED
             exchange.decision = "would_reject"
         else:
-            exchange.decision = status.value
+            exchange.decision = status
             if attempt.verified is not None:
                 kid = attempt.verified.kid
                 # Keys fetched from a JWKS URL share one label: their ids are not the config's.
@@ -299,7 +299,7 @@ class Gateway:
         bound: BoundMetrics,
         target: Target,
         exchange: Exchange,
-        status: AuthStatus,
+        status: str,
         attempt: Attempt,
         body: bytes,
         decoded: bool,
@@ -310,7 +310,7 @@ class Gateway:
         verified = attempt.verified
         forwarding = Forwarding(
             request_id=exchange.request_id,
-            auth_status=status.value,
+            auth_status=status,
             authenticated_user=project.subject.header(attempt.identity, verified.user)
             if verified
             else None,

@@ -8,7 +8,7 @@ against the session the request named even though the request itself was refused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from typing import Final
 
 from gateway.extract import FoundToken, RequestParts, extract_session, extract_token
 from gateway.projects import Project
@@ -18,13 +18,14 @@ from gateway.subject import Identity
 from gateway.verify import VerifiedToken
 
 
-class AuthStatus(Enum):
-    """`X-Auth-Status` as forwarded; `gateway_auth_decisions_total{decision}` adds `rejected`."""
+class AuthStatus:
+    """`X-Auth-Status` as forwarded; `gateway_auth_decisions_total{decision}` adds `rejected`.
+    Plain strings, not an Enum: every request reads one, and `.value` is a descriptor call."""
 
-    VERIFIED = "verified"
-    ANONYMOUS = "anonymous"
-    DISABLED = "disabled"
-    UNVERIFIED = "unverified"  # a `monitor` failure, forwarded anyway
+    VERIFIED: Final = "verified"
+    ANONYMOUS: Final = "anonymous"
+    DISABLED: Final = "disabled"
+    UNVERIFIED: Final = "unverified"  # a `monitor` failure, forwarded anyway
 
 
 @dataclass(slots=True)
@@ -48,7 +49,7 @@ def check_api_key(project: Project, parts: RequestParts) -> None:
 
 def authenticate(
     route: Route, project: Project, parts: RequestParts, max_token_bytes: int, attempt: Attempt
-) -> AuthStatus:
+) -> str:
     """VERIFIED or ANONYMOUS, filling `attempt` as it goes; raises `Rejected` otherwise."""
     attempt.identity = project.subject.identity(route.identity, parts)
     attempt.session_id = extract_session(route.session, parts)

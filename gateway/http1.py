@@ -95,7 +95,8 @@ class _Connection(asyncio.Protocol):
 
     # --- reading -------------------------------------------------------------------------------
 
-    async def _more(self, wanted: int) -> None:
+    def _more(self, wanted: int) -> asyncio.Future[None]:
+        """What to await for more bytes (a future, not a coroutine: one object less per wait)."""
         if self._timed_out:
             raise TimeoutError
         if self._eof:
@@ -103,8 +104,8 @@ class _Connection(asyncio.Protocol):
         if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
-        self._waiter = self._loop.create_future()
-        await self._waiter
+        self._waiter = waiter = self._loop.create_future()
+        return waiter
 
     def _take(self, size: int) -> bytes:
         taken = bytes(self._buffer[:size])
