@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ from typing import Any
 
 from gateway.algorithms import ALGORITHMS
 from gateway.clock import Clock
+from gateway.hashing import sha256
 from gateway.jsonstrict import JSONRejected, loads_strict
 from gateway.keys import KeySet, VerificationKey
 from gateway.reasons import Reason, Rejected
@@ -65,7 +65,7 @@ def _numeric_date(value: Any) -> bool:
 def token_digest(token: str) -> bytes:
     """SHA-256 of a token: its cache key, and (cut short) its fingerprint in the access log.
     surrogatepass: a string that is not UTF-8 still hashes; the format check refuses it."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    return sha256(token.encode("utf-8", "surrogatepass"))
 
 
 class TokenCache:

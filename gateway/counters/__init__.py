@@ -6,9 +6,10 @@ because the counter only ever turns a 401 into a 429 and failing closed would pr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Protocol
+
+from gateway.hashing import sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,7 @@ class SessionKey:
 
 def session_key(label: str, project_id: str, kind: str, value: str) -> SessionKey:
     material = "\x00".join((project_id, kind, value)).encode("utf-8", "surrogatepass")
-    return SessionKey(label, hashlib.sha256(material).digest())
+    return SessionKey(label, sha256(material))
 
 
 @dataclass(frozen=True, slots=True)
