@@ -24,6 +24,7 @@ from gateway.reasons import Reason, Rejected
 
 _COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _MAX_NUMERIC_DATE = 2**53
+_HEADERS_KEPT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,10 @@ class TokenVerifier:
         self.generation = generation
         self._cache = cache
         self._clock = clock
+        # An issuer's tokens share one header segment: it is decoded, checked and matched to
+        # its keys once per verifier (a new key set builds a new verifier). Refusals are not
+        # kept, so an unknown kid still asks for a JWKS refresh each time.
+        self._selected: dict[str, tuple[Any, tuple[VerificationKey, ...]]] = {}
 
     def verify(self, token: str, digest: bytes | None = None) -> VerifiedToken:
         """`digest`: the token's `token_digest`, when the caller already has it."""
@@ -151,8 +156,12 @@ class TokenVerifier:
         if parts is None:
             raise Rejected(Reason.TOKEN_MALFORMED)
         header_b64, payload_b64, signature_b64 = parts.groups()
-        header = _json_object(header_b64)
-        algorithm, candidates = self._select_keys(header)
+        selected = self._selected.get(header_b64)
+        if selected is None:
+            selected = self._select_keys(_json_object(header_b64))
+            if len(self._selected) < _HEADERS_KEPT:
+                self._selected[header_b64] = selected
+        algorithm, candidates = selected
         signature = _b64decode(signature_b64)
         signing_input = token[: parts.end(2)].encode()
         key = next(

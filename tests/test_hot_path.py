@@ -316,6 +316,52 @@ async def test_duplicate_identity_key_with_colons_is_refused_before_the_upstream
     assert upstream.last_headers()["x-authenticated-user"] == "alice"
 
 
+# === a token header segment checked once per verifier ===========================================
+
+
+async def test_a_header_segment_seen_before_still_needs_a_valid_signature_and_claims(
+    make_gateway: GatewayFactory, upstream: Upstream, tokens: Tokens
+) -> None:
+    """The second and later tokens with a known header segment skip only the header's checks:
+    signature, expiry and subject are checked for every one of them."""
+    gateway = await make_gateway()
+    good = tokens.good("alice")
+    header, _, signature = good.split(".")
+    other_payload = tokens.good("mallory").split(".")[1]
+    forged = f"{header}.{other_payload}.{signature}"  # mallory's claims under alice's signature
+    expired = tokens.expired("alice")
+    assert expired.split(".")[0] == header  # one header segment for all of them
+    body = b'{"customer_ids":{"registered":"alice"}}'
+    mallory_body = b'{"customer_ids":{"registered":"mallory"}}'
+
+    def send(token: str, event: bytes) -> bytes:
+        return post(EVENTS, [f"X-Sdk-Auth-Token: {token}"], event)
+
+    for _ in range(2):  # the first round fills the memo; the second reads it
+        assert (await raw_request(gateway.port, send(good, body))).status == 200
+        refused = await raw_request(gateway.port, send(forged, mallory_body))
+        assert refused.status == 401, refused.body
+        assert refused.json()["error"]["reason"] == "signature_invalid", refused.body
+        refused = await raw_request(gateway.port, send(expired, body))
+        assert refused.status == 401, refused.body
+        assert refused.json()["error"]["reason"] == "expired", refused.body
+    assert [r.body for r in upstream.received] == [body.decode()] * 2
+
+
+async def test_a_refused_header_segment_is_refused_every_time(
+    make_gateway: GatewayFactory, upstream: Upstream, tokens: Tokens
+) -> None:
+    gateway = await make_gateway()
+    unknown_kid = tokens.mint(tokens.claims("alice"), headers={"kid": "nobody"})
+    body = b'{"customer_ids":{"registered":"alice"}}'
+    for _ in range(3):
+        refused = await raw_request(
+            gateway.port, post(EVENTS, [f"X-Sdk-Auth-Token: {unknown_kid}"], body)
+        )
+        assert refused.status == 401, refused.body
+    assert upstream.received == []
+
+
 # === request header names read normalised ========================================================
 
 
