@@ -330,6 +330,10 @@ class Gateway:
                 forward_headers(request.header_keys(), request.raw_headers, forwarding),
                 body,
             )
+        except TimeoutError:
+            raise Rejected(Reason.UPSTREAM_TIMEOUT) from None
+        except UPSTREAM_FAILURES:
+            raise Rejected(Reason.UPSTREAM_BROKEN) from None
         finally:
             bound.upstream_duration[route.name].observe(time.perf_counter() - sent)
         exchange.upstream_status = answer.status

@@ -245,7 +245,10 @@ class HttpConnection(asyncio.Protocol):
                     if isinstance(item, _Unparsable):
                         self._refuse_unparsable(item)
                         return
-                    response = await self._answer(item)
+                    try:
+                        response = await self._handler.handle(item)
+                    except Exception:
+                        response = self._internal_error()
                     self._queue.popleft()
                     if not self._respond(item, response):
                         self._finish()
@@ -262,18 +265,16 @@ class HttpConnection(asyncio.Protocol):
             self._arrival = self._loop.create_future()
             await self._arrival
 
-    async def _answer(self, request: Request) -> Response:
-        try:
-            return await self._handler.handle(request)
-        except Exception:
-            request_id = new_request_id()
-            log.exception(
-                "request failed inside the gateway", extra={"fields": {"request_id": request_id}}
-            )
-            answer = render_error(Reason.INTERNAL, request_id)
-            headers = header_lines([*answer.headers.items(), ("X-Request-Id", request_id)])
-            headers.append(date_line())
-            return Response(answer.status, headers, answer.body, close=True)
+    @staticmethod
+    def _internal_error() -> Response:
+        request_id = new_request_id()
+        log.exception(
+            "request failed inside the gateway", extra={"fields": {"request_id": request_id}}
+        )
+        answer = render_error(Reason.INTERNAL, request_id)
+        headers = header_lines([*answer.headers.items(), ("X-Request-Id", request_id)])
+        headers.append(date_line())
+        return Response(answer.status, headers, answer.body, close=True)
 
     def _respond(self, request: Request, response: Response) -> bool:
         """Writes the answer; whether the connection stays open for another request."""
