@@ -10,6 +10,7 @@ member was dropped. Anything the proof does not cover goes through the strict de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -59,15 +60,14 @@ _LONG_DIGIT_RUN = b"0" * 19
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
     if b"\\" not in data and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZEROS):
-        try:
+        # What orjson refuses, the strict decoder below refuses too, and says why.
+        with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
             value = orjson.loads(data)
             # Without escapes every string reads as written, and a colon outside a string
             # separates a member. orjson's re-encoding escapes no colon, so it holds as many as
             # the document exactly when no member was dropped: no key came twice.
             if data.count(b":") == orjson.dumps(value).count(b":"):
                 return value
-        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
-            pass  # the strict decoder below gives the reason
     return _loads_with_reasons(data)
 
 

@@ -121,18 +121,16 @@ def forward_headers(
     host: bytes | None = None
     for key, (raw_name, raw_value) in zip(keys, raw_headers, strict=True):
         if key in _NOT_RELAYED:
-            if key not in _FORWARDING:
-                if key == "host" and host is None:
-                    host = raw_value
-            elif not trusted:
-                pass
-            elif key == "x-forwarded-for":
-                forwarded_for.append(raw_value)
-            elif key == "forwarded":
-                if key not in connection_named:
-                    lines.append(raw_name + b": " + raw_value)
-            else:
-                kept_forwarded.setdefault(key, raw_value)
+            if key == "host":
+                host = raw_value if host is None else host
+            elif trusted and key in _FORWARDING:  # from an untrusted peer, dropped
+                if key == "x-forwarded-for":
+                    forwarded_for.append(raw_value)
+                elif key == "forwarded":
+                    if key not in connection_named:
+                        lines.append(raw_name + b": " + raw_value)
+                else:
+                    kept_forwarded.setdefault(key, raw_value)
             continue
         if key in drop or key in connection_named:
             continue

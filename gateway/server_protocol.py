@@ -225,8 +225,9 @@ class HttpConnection(asyncio.Protocol):
     # --- answering -----------------------------------------------------------------------------
 
     def _wake_server(self) -> None:
-        """Something was queued, or the connection closed: the serving task looks again."""
-        if self._serving_task is None:
+        """Something was queued, or the connection closed: the serving task looks again (a new
+        one if there is none, or if it ended, say on an error that escaped it)."""
+        if self._serving_task is None or self._serving_task.done():
             if not self._closed:
                 self._serving = True
                 self._serving_task = self._loop.create_task(self._serve())
