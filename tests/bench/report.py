@@ -56,13 +56,30 @@ def ratio(row: Row, baseline: Row | None) -> str:
     return f"{mine / theirs:.3f}"
 
 
+def round_ratios(row: Row, baseline: Row | None) -> list[float]:
+    """Each round's req/s over the baseline's in the same round: rounds interleave targets, so
+    a pair shares the machine's mood, which on a shared machine moves more than the median."""
+    if baseline is None or not row.valid or not baseline.valid:
+        return []
+    theirs = {run.round: run.rps for run in baseline.runs}
+    return sorted(run.rps / theirs[run.round] for run in row.runs if theirs.get(run.round))
+
+
+def ratio_range(row: Row, baseline: Row | None) -> str:
+    ratios = round_ratios(row, baseline)
+    if row is baseline or len(ratios) < 2:
+        return "-"
+    return f"{ratios[0]:.2f} to {ratios[-1]:.2f}"
+
+
 def _cells(row: Row, rows: dict[str, Row]) -> list[str]:
     if row.skipped is not None:
         return [row.label, "skipped", *[""] * (len(HEADERS) - 2)]
     median = row.median
     assert median is not None
     if not row.valid:  # fast refusals must not read as a fast proxy: no figure but the count
-        return [row.label, "INVALID", "-", "-", str(row.non_2xx), "-", "-", "-", "-", "n/a", "n/a"]
+        invalid = [row.label, "INVALID", "-", "-", str(row.non_2xx), "-", "-", "-", "-"]
+        return [*invalid, "n/a", "n/a", "n/a"]
     cpu = median.cpu_us_per_request
     load = median.load_core_percent
     kernel = median.kernel_percent
@@ -77,6 +94,7 @@ def _cells(row: Row, rows: dict[str, Row]) -> list[str]:
         f"{kernel:.0f}" if kernel is not None else "n/a",
         f"{load:.0f}" if load is not None else "n/a",
         ratio(row, rows.get(BASELINE_HAPROXY)),
+        ratio_range(row, rows.get(BASELINE_HAPROXY)),
         ratio(row, rows.get(BASELINE_UPSTREAM)),
     ]
 
@@ -92,6 +110,7 @@ HEADERS = [
     "in kernel %",
     "load core %",
     "vs HAProxy-jwt",
+    "per round",
     "vs bare upstream",
 ]
 
@@ -177,6 +196,7 @@ def as_json(rows: Sequence[Row], context: dict[str, Any]) -> dict[str, Any]:
                 "median": median.as_json() if median else None,
                 "non_2xx_total": row.non_2xx,
                 "ratio_to_haproxy_jwt": _float_ratio(row, by_key.get(BASELINE_HAPROXY)),
+                "ratios_to_haproxy_jwt_per_round": round_ratios(row, by_key.get(BASELINE_HAPROXY)),
                 "ratio_to_upstream": _float_ratio(row, by_key.get(BASELINE_UPSTREAM)),
                 "runs": [r.as_json() for r in row.runs],
             }
