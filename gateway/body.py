@@ -10,6 +10,7 @@ import zlib
 from typing import Any
 
 from gateway.jsonstrict import JSONRejected, loads_strict
+from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
@@ -43,8 +44,7 @@ def decompress(body: bytes, coding: str, max_bytes: int) -> bytes:
 
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
-_accepted_media_types: set[str] = set()  # clients send a handful of values: each checked once
-_ACCEPTED_MEDIA_TYPES_KEPT = 256
+_accepted_media_types: BoundedMemo[str, bool] = BoundedMemo(256)
 
 
 def check_media_type(values: list[str]) -> None:
@@ -53,11 +53,9 @@ def check_media_type(values: list[str]) -> None:
         return
     if len(values) > 1:
         raise Rejected(Reason.HEADER_DUPLICATE)
-    if values[0] in _accepted_media_types:
-        return
-    _check_media_type(values[0])
-    if len(_accepted_media_types) < _ACCEPTED_MEDIA_TYPES_KEPT:
-        _accepted_media_types.add(values[0])
+    if values[0] not in _accepted_media_types:
+        _check_media_type(values[0])  # raises for a refused one, which is not kept
+        _accepted_media_types.keep(values[0], True)
 
 
 def _check_media_type(value: str) -> None:

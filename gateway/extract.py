@@ -82,10 +82,6 @@ def parse_json_path(path: str) -> tuple[str | None, ...]:
     return tuple(steps)
 
 
-def normalise_header_name(name: str) -> str:
-    return name.lower().replace("_", "-")
-
-
 def collect_headers(
     keys: list[str], raw_headers: list[tuple[bytes, bytes]], watched: frozenset[str]
 ) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
+from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -334,20 +335,14 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 # An upstream sends the same few heads again and again (only `Date` changes, once a second):
 # each distinct head is parsed once. Parsing depends on nothing but the bytes (HEAD answers,
 # whose framing depends on the method, are not kept).
-_parsed_heads: dict[bytes, Head] = {}
-_PARSED_HEADS_KEPT = 512
+_parsed_heads: BoundedMemo[bytes, Head] = BoundedMemo(512)
 
 
 def parse_head(head: bytes, method: str) -> Head:
     if method == "HEAD":
         return _parse_head(head, method)
     parsed = _parsed_heads.get(head)
-    if parsed is None:
-        parsed = _parse_head(head, method)
-        if len(_parsed_heads) >= _PARSED_HEADS_KEPT:
-            _parsed_heads.clear()
-        _parsed_heads[head] = parsed
-    return parsed
+    return parsed if parsed is not None else _parsed_heads.keep(head, _parse_head(head, method))
 
 
 def _parse_head(head: bytes, method: str) -> Head:

@@ -17,6 +17,7 @@ from email.utils import formatdate
 from enum import Enum
 from typing import Protocol
 
+from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
 _REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
@@ -40,18 +41,20 @@ def date_line() -> bytes:
     return line
 
 
-_header_keys: dict[bytes, str] = {}  # clients repeat their header names: each normalised once
-_HEADER_KEYS_KEPT = 4096
+def normalise_header_name(name: str) -> str:
+    """A header's name as the gateway reads it: lower case, `_` read as `-` (CGI-style servers
+    read X_Auth_Status as X-Auth-Status, so the gateway must too)."""
+    return name.lower().replace("_", "-")
+
+
+_header_keys: BoundedMemo[bytes, str] = BoundedMemo(4096)
 
 
 def header_key(raw_name: bytes) -> str:
-    """A header's name as the gateway reads it: lower case, `_` read as `-` (CGI-style servers
-    read X_Auth_Status as X-Auth-Status, so the gateway must too)."""
+    """`normalise_header_name` of a received name, each distinct one computed once."""
     key = _header_keys.get(raw_name)
     if key is None:
-        key = raw_name.decode("latin-1").lower().replace("_", "-")
-        if len(_header_keys) < _HEADER_KEYS_KEPT:
-            _header_keys[raw_name] = key
+        key = _header_keys.keep(raw_name, normalise_header_name(raw_name.decode("latin-1")))
     return key
 
 

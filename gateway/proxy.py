@@ -15,9 +15,8 @@ from urllib.parse import unquote_plus
 from yarl import URL
 
 from gateway.config import UpstreamSettings
-from gateway.extract import normalise_header_name
 from gateway.http1 import Answer, Client, ConnectionPool, Head
-from gateway.messages import date_line, header_lines
+from gateway.messages import date_line, header_lines, normalise_header_name
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
 _REQUEST_DROPPED = frozenset(

@@ -16,9 +16,9 @@ from gateway.extract import (
     JsonSource,
     QuerySource,
     Source,
-    normalise_header_name,
     parse_json_path,
 )
+from gateway.messages import normalise_header_name
 from gateway.routes import RouteEntry, TemplateError, compile_template, placeholder_pattern
 
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
 _PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+")
@@ -24,20 +25,12 @@ class Target:
     query: str | None  # raw, as received; None when the target has no `?`
 
 
-# Clients send the same few targets again and again: each valid one is checked once.
-_targets: dict[str, Target] = {}
-_TARGETS_KEPT = 4096
-_MATCHES_KEPT = 4096
+_targets: BoundedMemo[str, Target] = BoundedMemo(4096)  # valid targets; refused ones not kept
 
 
 def parse_target(raw: str) -> Target:
     target = _targets.get(raw)
-    if target is None:
-        target = _parse_target(raw)
-        if len(_targets) >= _TARGETS_KEPT:
-            _targets.clear()
-        _targets[raw] = target
-    return target
+    return target if target is not None else _targets.keep(raw, _parse_target(raw))
 
 
 def _parse_target(raw: str) -> Target:
@@ -113,7 +106,8 @@ class Router(Generic[RouteT]):
 
     def __init__(self, entries: list[RouteEntry[RouteT]]) -> None:
         self._entries = tuple(entries)
-        self._matches: dict[tuple[str, str], tuple[RouteT, dict[str, str]]] = {}
+        self._matches: BoundedMemo[tuple[str, str], tuple[RouteT, dict[str, str]]]
+        self._matches = BoundedMemo(4096)
 
     @property
     def entries(self) -> tuple[RouteEntry[RouteT], ...]:
@@ -123,10 +117,7 @@ class Router(Generic[RouteT]):
         """The route and its placeholders' values (a dict the caller must not change)."""
         found = self._matches.get((method, path))
         if found is None:
-            found = self._match(method, path)
-            if len(self._matches) >= _MATCHES_KEPT:
-                self._matches.clear()
-            self._matches[method, path] = found
+            found = self._matches.keep((method, path), self._match(method, path))
         return found
 
     def _match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:

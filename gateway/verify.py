@@ -20,11 +20,11 @@ from gateway.clock import Clock
 from gateway.hashing import sha256
 from gateway.jsonstrict import JSONRejected, loads_strict
 from gateway.keys import KeySet, VerificationKey
+from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
 _COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _MAX_NUMERIC_DATE = 2**53
-_HEADERS_KEPT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +137,8 @@ class TokenVerifier:
         # An issuer's tokens share one header segment: it is decoded, checked and matched to
         # its keys once per verifier (a new key set builds a new verifier). Refusals are not
         # kept, so an unknown kid still asks for a JWKS refresh each time.
-        self._selected: dict[str, tuple[Any, tuple[VerificationKey, ...]]] = {}
+        self._selected: BoundedMemo[str, tuple[Any, tuple[VerificationKey, ...]]]
+        self._selected = BoundedMemo(256)
 
     def verify(self, token: str, digest: bytes | None = None) -> VerifiedToken:
         """`digest`: the token's `token_digest`, when the caller already has it."""
@@ -158,9 +159,7 @@ class TokenVerifier:
         header_b64, payload_b64, signature_b64 = parts.groups()
         selected = self._selected.get(header_b64)
         if selected is None:
-            selected = self._select_keys(_json_object(header_b64))
-            if len(self._selected) < _HEADERS_KEPT:
-                self._selected[header_b64] = selected
+            selected = self._selected.keep(header_b64, self._select_keys(_json_object(header_b64)))
         algorithm, candidates = selected
         signature = _b64decode(signature_b64)
         signing_input = token[: parts.end(2)].encode()

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from gateway.http1 import parse_head
 from gateway.jsonstrict import JSONRejected, loads_strict
+from gateway.memo import BoundedMemo
 from gateway.messages import header_key
 from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
 
@@ -686,3 +687,15 @@ async def test_an_answer_without_date_gets_exactly_one(
             answer = await client.ask(method)
             (date,) = answer.values("Date")
             assert parsedate_to_datetime(date).tzinfo is not None, date
+
+
+# === bounded memos ===============================================================================
+
+
+def test_a_memo_never_holds_more_than_its_size_and_keeps_what_it_was_given() -> None:
+    memo: BoundedMemo[str, int] = BoundedMemo(3)
+    for i in range(10):
+        assert memo.keep(f"k{i}", i) == i
+        assert len(memo) <= 3
+        assert memo.get(f"k{i}") == i  # the newest is always there
+    assert memo.get("k0") is None  # long since dropped
