@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from gateway.memo import BoundedMemo
+from gateway.outbox import Outbox
 from gateway.reasons import Reason, Rejected
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -43,8 +44,9 @@ class _Connection(asyncio.Protocol):
 
     READ_PAUSE_BYTES = 4 << 20  # stop reading from the socket past this much unconsumed
 
-    def __init__(self) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         self.transport: asyncio.Transport | None = None
+        self._outbox = outbox
         self._loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
         self._buffer = bytearray()
         self._eof = False
@@ -143,7 +145,7 @@ class _Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        self._outbox.write(self.transport, data)
 
     def usable(self) -> bool:
         """An idle connection the upstream closed (or sent stray bytes on) is not reused."""
@@ -156,6 +158,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._outbox.flush(self.transport)
             self.transport.close()
 
 
@@ -169,8 +172,10 @@ class ConnectionPool:
         max_connections: int,
         connect_timeout: float,
         exchange_timeout: float,
+        outbox: Outbox,
     ):
         self._host, self._port = host, port
+        self._outbox = outbox
         self._max = max_connections
         self._connect_timeout = connect_timeout
         self._exchange_timeout = exchange_timeout
@@ -228,7 +233,7 @@ class ConnectionPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await asyncio.get_running_loop().create_connection(
-                    _Connection, self._host, self._port
+                    lambda: _Connection(self._outbox), self._host, self._port
                 )
         except (OSError, TimeoutError):
             self._open -= 1

@@ -17,6 +17,7 @@ from yarl import URL
 from gateway.config import UpstreamSettings
 from gateway.http1 import Answer, Client, ConnectionPool, Head
 from gateway.messages import date_line, header_lines, normalise_header_name
+from gateway.outbox import Outbox
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
 _REQUEST_DROPPED = frozenset(
@@ -170,7 +171,7 @@ class Upstream:
     # mid-answer still gets a 502 rather than a truncated 2xx.
     BUFFER_BYTES = 1 << 20
 
-    def __init__(self, settings: UpstreamSettings) -> None:
+    def __init__(self, settings: UpstreamSettings, outbox: Outbox) -> None:
         url = URL(settings.url)
         self._prefix = url.raw_path.rstrip("/")  # validated: http://host[:port][/prefix]
         assert url.host is not None
@@ -183,6 +184,7 @@ class Upstream:
             settings.max_connections,
             settings.connect_timeout_seconds,
             settings.timeout_seconds,
+            outbox,
         )
         self._client = Client(self._pool, host_header, self.BUFFER_BYTES)
 

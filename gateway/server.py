@@ -23,6 +23,7 @@ from gateway.counters.redis import RedisFailureCounter
 from gateway.jwks import JwksRefresher
 from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
+from gateway.outbox import Outbox
 from gateway.proxy import Upstream
 from gateway.server_protocol import HttpServer
 from gateway.tasks import spawn
@@ -94,6 +95,7 @@ class GatewayServer:
         admin_socket: socket.socket | None = None,
     ) -> None:
         self.clock = clock or SystemClock()
+        self.outbox = Outbox(asyncio.get_running_loop())
         self.metrics = Metrics()
         config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         enabled = config.settings.access_log.enabled
@@ -102,7 +104,7 @@ class GatewayServer:
             config,
             clock=self.clock,
             counter=make_counter(config, self.clock, self.metrics),
-            upstream=Upstream(config.settings.upstream),
+            upstream=Upstream(config.settings.upstream, self.outbox),
             access_log=access_log or AccessLog(enabled=enabled),
             metrics=self.metrics,
             jwks=self.jwks,
@@ -150,7 +152,7 @@ class GatewayServer:
             self._admin_socket = bind(settings.admin_listen, reuse_port=False)
         self.gateway.access_log.start()
         self._flusher = spawn(self._flush_metrics())
-        self._public = HttpServer(self.gateway, asyncio.get_running_loop())
+        self._public = HttpServer(self.gateway, asyncio.get_running_loop(), self.outbox)
         await self._public.start(self._public_socket)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
         await self._admin.setup()
@@ -210,7 +212,7 @@ class GatewayServer:
         new = candidate.settings
         retired: list[Upstream | FailureCounter] = []
         if new.upstream != old.upstream:
-            upstream = Upstream(new.upstream)
+            upstream = Upstream(new.upstream, self.outbox)
             retired.append(self.gateway.upstream)
             self.gateway.upstream = upstream
         counter_settings = new.failure_counter.model_copy(update={"threshold": 0})

@@ -32,6 +32,7 @@ from gateway.messages import (
     header_lines,
     new_request_id,
 )
+from gateway.outbox import Outbox
 from gateway.reasons import Reason
 
 log = logging.getLogger("gateway.server")
@@ -80,6 +81,7 @@ class HttpConnection(asyncio.Protocol):
         self._body_limit = limits.max_body_bytes
         self._parser = httptools.HttpRequestParser(self)
         self._loop = server.loop
+        self._outbox = server.outbox
         self._transport: asyncio.Transport | None = None
         self._remote: str | None = None
         # the head being parsed
@@ -380,7 +382,7 @@ class HttpConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self._closed:
-            self._transport.write(data)
+            self._outbox.write(self._transport, data)
 
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None
@@ -397,11 +399,13 @@ class HttpConnection(asyncio.Protocol):
         self.idle_since = None
         self._lingering = self._loop.call_later(LINGER_SECONDS, self.close)
         self._transport.resume_reading()  # what the client still sends is read, and dropped
+        self._outbox.flush(self._transport)
         if self._transport.can_write_eof():
             self._transport.write_eof()
 
     def close(self) -> None:
         if self._transport is not None and not self._closed:
+            self._outbox.flush(self._transport)
             self._transport.close()
 
     @property
@@ -412,9 +416,10 @@ class HttpConnection(asyncio.Protocol):
 class HttpServer:
     """The listening socket, its connections, and the timer that closes idle ones."""
 
-    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
         self.handler = handler
         self.loop = loop
+        self.outbox = outbox
         self.connections: set[HttpConnection] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
