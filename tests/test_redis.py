@@ -18,7 +18,7 @@ import yaml
 from redis.asyncio import Redis
 
 from gateway.counters import session_key
-from gateway.counters.redis import RedisFailureCounter, redis_key
+from gateway.counters.redis import RESET_BATCH, RedisFailureCounter, redis_key
 from tests.conftest import GatewayFactory, RunningGateway, Tokens, eventually, free_port
 from tests.redis_support import RedisCluster, RedisProcess
 
@@ -102,6 +102,19 @@ async def test_paused_redis_never_stalls_past_the_budget(
         return await counter.record_failure(KEY) is not None
 
     await eventually(counting, "the counter to recover after SIGCONT")
+
+
+async def test_resets_past_one_batch_clear_exactly_their_sessions(
+    counter: RedisFailureCounter, redis_server: RedisProcess
+) -> None:
+    keys = [session_key("app", "app", "session", f"s-{i}") for i in range(RESET_BATCH + 100)]
+    kept = session_key("app", "app", "session", "not reset")
+    for key in [*keys, kept]:
+        assert await counter.record_failure(key) is not None
+    for key in keys:
+        counter.reset(key)
+    await counter.flush_resets()
+    assert redis_server.cli("--scan").split() == [redis_key(kept)]
 
 
 async def test_resets_queued_during_an_outage_are_sent_later(
