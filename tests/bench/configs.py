@@ -97,6 +97,7 @@ def gateway_config(
     public_key: Path,
     mode: str,
     redis_port: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """The gateway's settings (gateway/config.py `Settings`): one project, one route."""
     counter: dict[str, Any] = {"backend": "memory"}
@@ -107,6 +108,7 @@ def gateway_config(
         "admin_listen": f"127.0.0.1:{admin_port}",
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
         "failure_counter": counter,
+        "workers": workers,
         "projects": {
             PROJECT: {
                 "mode": mode,

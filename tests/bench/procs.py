@@ -56,13 +56,16 @@ def free_ports(count: int) -> list[int]:
 
 @dataclass(frozen=True, slots=True)
 class Pinning:
-    """Command prefixes: the proxy under test on one core, load and upstream on another."""
+    """Command prefixes: the proxy under test on one core, load and upstream on another, and
+    a `workers: N` gateway on every core but the load's."""
 
     proxy: tuple[str, ...]
     load: tuple[str, ...]
     description: str
     proxy_core: int | None = None
     load_core: int | None = None
+    workers: tuple[str, ...] = ()
+    worker_cores: int = 1
 
 
 def choose_pinning() -> Pinning:
@@ -73,12 +76,15 @@ def choose_pinning() -> Pinning:
     if taskset is None:
         return Pinning((), (), "not pinned: taskset not found (Debian package util-linux)")
     proxy, load = cores[0], cores[1]
+    worker_cores = [proxy, *cores[2:]]
     return Pinning(
         (taskset, "-c", str(proxy)),
         (taskset, "-c", str(load)),
         f"proxy under test on core {proxy}; wrk, upstream nginx and redis on core {load}",
         proxy,
         load,
+        (taskset, "-c", ",".join(map(str, worker_cores))),
+        len(worker_cores),
     )
 
 

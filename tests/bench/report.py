@@ -14,6 +14,8 @@ from tests.bench.wrkrun import RunResult
 
 BASELINE_UPSTREAM = "upstream"
 BASELINE_HAPROXY = "haproxy-jwt"
+ONE_PROCESS = "gateway-required"  # what the workers target is compared with
+WORKERS = "gateway-workers"
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Row:
     label: str
     runs: list[RunResult]
     skipped: str | None = None
+    cores: int = 1  # the cores the proxy may use: its CPU % saturates at 100 per core
 
     @property
     def median(self) -> RunResult | None:
@@ -134,24 +137,45 @@ SATURATED_PERCENT = 90.0
 
 def footnotes(rows: Sequence[Row]) -> list[str]:
     notes = []
+    by_key = {row.key: row for row in rows}
     for row in rows:
         median = row.median
         if row.skipped is not None:
             notes.append(f"{row.label}: SKIPPED: {row.skipped}")
         elif not row.valid:
             notes.extend(f"{row.label}: INVALID: {p}" for p in row.problems)
-        elif median is not None and median.cpu_percent < SATURATED_PERCENT:
-            notes.append(f"{row.label}: {unsaturated(median)}")
+        elif median is not None and median.cpu_percent < SATURATED_PERCENT * row.cores:
+            notes.append(f"{row.label}: {unsaturated(median, row.cores)}")
+        if row.key == WORKERS and (grown := scaling(row, by_key.get(ONE_PROCESS))):
+            notes.append(grown)
     return notes
 
 
-def unsaturated(run: RunResult) -> str:
-    """Why a proxy that did not use its whole core got no further."""
+def scaling(workers: Row, single: Row | None) -> str | None:
+    """How the `workers: N` rate compares with one process's, per core it could use."""
+    mine, theirs = workers.rps(), single.rps() if single is not None else None
+    if mine is None or not theirs:
+        return None
+    grown = mine / theirs
+    if workers.cores == 1:
+        return (
+            f"{workers.label}: {grown:.2f}x the one-process rate on the same single core, "
+            "what the extra processes cost; how the rate grows with cores needs a machine "
+            "with 3 or more (one stays the load's)"
+        )
+    return (
+        f"{workers.label}: {grown:.2f}x the one-process rate on {workers.cores} cores, "
+        f"{grown / workers.cores:.2f} of N-fold"
+    )
+
+
+def unsaturated(run: RunResult, cores: int = 1) -> str:
+    """Why a proxy that did not use its whole core (or cores) got no further."""
     own, core, load = run.cpu_percent, run.proxy_core_percent, run.load_core_percent
-    said = f"the proxy used {own:.0f}% of a core"
+    said = f"the proxy used {own:.0f}% of " + ("a core" if cores == 1 else f"{cores} cores")
     if core is None or load is None:
         return f"{said} (not pinned): the rate may be the load generator's limit"
-    if core - own >= 100 - SATURATED_PERCENT:
+    if cores == 1 and core - own >= 100 - SATURATED_PERCENT:
         return (
             f"{said}; its core was {core:.0f}% busy: other processes shared it, "
             "so this rate is noisy (run again on a quiet machine)"
@@ -198,6 +222,10 @@ def as_json(rows: Sequence[Row], context: dict[str, Any]) -> dict[str, Any]:
                 "ratio_to_haproxy_jwt": _float_ratio(row, by_key.get(BASELINE_HAPROXY)),
                 "ratios_to_haproxy_jwt_per_round": round_ratios(row, by_key.get(BASELINE_HAPROXY)),
                 "ratio_to_upstream": _float_ratio(row, by_key.get(BASELINE_UPSTREAM)),
+                "cores": row.cores,
+                "ratio_to_one_process": _float_ratio(row, by_key.get(ONE_PROCESS))
+                if row.key == WORKERS
+                else None,
                 "runs": [r.as_json() for r in row.runs],
             }
         )

@@ -11,6 +11,9 @@ Targets, measured in interleaved rounds (every target once per round, the median
     gateway-fresh       `required`, a token never seen before on every request (every one pays RSA)
     gateway-anonymous   `required`, requests without identity or token
     gateway-redis       `required` with the Redis failure counter, traffic as gateway-required
+    gateway-workers     as gateway-required with `workers: N`, one per core but the load's
+                        (at least 2: on a 2-core machine both share one core, which measures
+                        what the extra processes cost, not how the rate grows with cores)
 
 Environment: BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (1, 0 = none),
 BENCH_CONNECTIONS (50), BENCH_THREADS (wrk threads, 1), BENCH_TARGETS (comma-separated keys,
@@ -66,6 +69,7 @@ TARGETS = {
     "gateway-fresh": "gateway: required, fresh token per request",
     "gateway-anonymous": "gateway: required, anonymous",
     "gateway-redis": "gateway: required, Redis counter",
+    "gateway-workers": "gateway: required, workers: N",
 }
 ENV_NAMES = (
     "BENCH_SECONDS",
@@ -249,6 +253,10 @@ def start_gateway_target(
         (redis_port,) = ports.take()
         stack.start_redis(sup, tools.redis, redis_port, pinning.load)
     mode = "disabled" if key == "gateway-disabled" else "required"
+    workers, cores, prefix = 1, 1, pinning.proxy
+    if key == "gateway-workers":
+        workers, cores, prefix = max(2, pinning.worker_cores), pinning.worker_cores, pinning.workers
+        label = workers_label(workers, cores)
 
     def settings(port: int, admin_port: int) -> dict[str, object]:
         return configs.gateway_config(
@@ -258,19 +266,23 @@ def start_gateway_target(
             public_key=material.public_key,
             mode=mode,
             redis_port=redis_port,
+            workers=workers,
         )
 
     port, admin_port = ports.take(2)
-    service = stack.start_gateway(
-        sup, tools.gateway, key, settings, (port, admin_port), pinning.proxy
-    )
+    service = stack.start_gateway(sup, tools.gateway, key, settings, (port, admin_port), prefix)
     smoke = material.smoke
     if mode == "disabled":
         smoke = Smoke(smoke.token, smoke.body)  # disabled forwards any token
     stack.require_smoke(label, port, smoke)
     requests = material.anonymous if key == "gateway-anonymous" else material.reused
     fresh = material.fresh if key == "gateway-fresh" else None
-    return Target(key, label, port, service, requests, requests, fresh)
+    return Target(key, label, port, service, requests, requests, fresh, cores=cores)
+
+
+def workers_label(workers: int, cores: int) -> str:
+    where = f"{cores} cores" if cores > 1 else "1 core"
+    return f"gateway: required, workers: {workers} on {where}"
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -341,7 +353,9 @@ def describe_run(result: RunResult) -> str:
 
 def measure(started: list[Target | Skipped], load: Load, options: Options) -> list[report.Row]:
     rows = [
-        report.Row(t.key, t.label, [], t.reason if isinstance(t, Skipped) else None)
+        report.Row(t.key, t.label, [], t.reason)
+        if isinstance(t, Skipped)
+        else report.Row(t.key, t.label, [], cores=t.cores)
         for t in started
     ]
     estimates = Estimates()

@@ -63,6 +63,7 @@ class Target:
     requests: Requests  # what the measured runs send (fresh: replaced per run from `fresh`)
     warmup: Requests
     fresh: FreshPool | None = None
+    cores: int = 1  # the cores it may use (workers: N on several)
 
     @property
     def url(self) -> str:
