@@ -17,6 +17,7 @@ mistake shows up on the next answer rather than being hidden by a fresh connecti
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
 import json
@@ -35,6 +36,8 @@ from gateway.http1 import parse_head
 from gateway.jsonstrict import JSONRejected, loads_strict
 from gateway.memo import BoundedMemo
 from gateway.messages import header_key
+from gateway.reasons import Reason, Rejected
+from gateway.verify import _b64decode
 from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
 
 EVENTS = "/track/v2/projects/app/customers/events"
@@ -699,3 +702,27 @@ def test_a_memo_never_holds_more_than_its_size_and_keeps_what_it_was_given() -> 
         assert len(memo) <= 3
         assert memo.get(f"k{i}") == i  # the newest is always there
     assert memo.get("k0") is None  # long since dropped
+
+
+# --- base64url segments: the canonical check by the last character -----------------------------
+
+
+@pytest.mark.parametrize("length", range(1, 10))
+def test_a_segment_is_accepted_exactly_when_it_is_the_canonical_encoding(length: int) -> None:
+    """Every last character, at every remainder of the length by 4: the last-character check
+    agrees with encoding the decoded bytes again (what it replaced)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    prefix = "".join(alphabet[byte % 64] for byte in os.urandom(length - 1))
+    for last in alphabet:
+        segment = prefix + last
+        padded = segment + "=" * (-len(segment) % 4)
+        canonical = len(segment) % 4 != 1 and (
+            base64.urlsafe_b64encode(base64.urlsafe_b64decode(padded)).rstrip(b"=").decode()
+            == segment
+        )
+        if canonical:
+            assert _b64decode(segment) == base64.urlsafe_b64decode(padded)
+        else:
+            with pytest.raises(Rejected) as refused:
+                _b64decode(segment)
+            assert refused.value.reason is Reason.TOKEN_MALFORMED

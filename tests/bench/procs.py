@@ -57,7 +57,8 @@ def free_ports(count: int) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class Pinning:
     """Command prefixes: the proxy under test on one core, load and upstream on another, and
-    a `workers: N` gateway on every core but the load's."""
+    a `workers: N` gateway on every core but the load's (on two cores: on both, the load's
+    shared)."""
 
     proxy: tuple[str, ...]
     load: tuple[str, ...]
@@ -66,6 +67,7 @@ class Pinning:
     load_core: int | None = None
     workers: tuple[str, ...] = ()
     worker_cores: int = 1
+    workers_share_load_core: bool = False
 
 
 def choose_pinning() -> Pinning:
@@ -76,7 +78,7 @@ def choose_pinning() -> Pinning:
     if taskset is None:
         return Pinning((), (), "not pinned: taskset not found (Debian package util-linux)")
     proxy, load = cores[0], cores[1]
-    worker_cores = [proxy, *cores[2:]]
+    worker_cores = [proxy, *cores[2:]] if len(cores) > 2 else [proxy, load]
     return Pinning(
         (taskset, "-c", str(proxy)),
         (taskset, "-c", str(load)),
@@ -85,6 +87,7 @@ def choose_pinning() -> Pinning:
         load,
         (taskset, "-c", ",".join(map(str, worker_cores))),
         len(worker_cores),
+        load in worker_cores,
     )
 
 

@@ -25,6 +25,7 @@ class Row:
     runs: list[RunResult]
     skipped: str | None = None
     cores: int = 1  # the cores the proxy may use: its CPU % saturates at 100 per core
+    shares_load_core: bool = False  # one of them is also the load generator's
 
     @property
     def median(self) -> RunResult | None:
@@ -144,7 +145,11 @@ def footnotes(rows: Sequence[Row]) -> list[str]:
             notes.append(f"{row.label}: SKIPPED: {row.skipped}")
         elif not row.valid:
             notes.extend(f"{row.label}: INVALID: {p}" for p in row.problems)
-        elif median is not None and median.cpu_percent < SATURATED_PERCENT * row.cores:
+        elif (
+            median is not None
+            and not row.shares_load_core  # the scaling note says what limited it
+            and median.cpu_percent < SATURATED_PERCENT * row.cores
+        ):
             notes.append(f"{row.label}: {unsaturated(median, row.cores)}")
         if row.key == WORKERS and (grown := scaling(row, by_key.get(ONE_PROCESS))):
             notes.append(grown)
@@ -152,21 +157,23 @@ def footnotes(rows: Sequence[Row]) -> list[str]:
 
 
 def scaling(workers: Row, single: Row | None) -> str | None:
-    """How the `workers: N` rate compares with one process's, per core it could use."""
-    mine, theirs = workers.rps(), single.rps() if single is not None else None
-    if mine is None or not theirs:
+    """The `workers: N` rate and CPU per request against one process's."""
+    mine, theirs = workers.median, single.median if single is not None else None
+    if not workers.valid or single is None or not single.valid or not mine or not theirs:
         return None
-    grown = mine / theirs
-    if workers.cores == 1:
-        return (
-            f"{workers.label}: {grown:.2f}x the one-process rate on the same single core, "
-            "what the extra processes cost; how the rate grows with cores needs a machine "
-            "with 3 or more (one stays the load's)"
-        )
-    return (
-        f"{workers.label}: {grown:.2f}x the one-process rate on {workers.cores} cores, "
-        f"{grown / workers.cores:.2f} of N-fold"
+    grown = mine.rps / theirs.rps
+    cost = (
+        f" at {mine.cpu_us_per_request / theirs.cpu_us_per_request:.2f}x its CPU per request"
+        if mine.cpu_us_per_request and theirs.cpu_us_per_request
+        else ""
     )
+    said = f"{workers.label}: {grown:.2f}x the one-process rate{cost}"
+    if workers.shares_load_core:
+        return (
+            f"{said}; the second core is shared with wrk and the upstream, so N-fold is out of "
+            "reach here: the CPU per request is what says whether the processes scale"
+        )
+    return f"{said}, {grown / workers.cores:.2f} of N-fold"
 
 
 def unsaturated(run: RunResult, cores: int = 1) -> str:

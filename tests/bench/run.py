@@ -12,8 +12,7 @@ Targets, measured in interleaved rounds (every target once per round, the median
     gateway-anonymous   `required`, requests without identity or token
     gateway-redis       `required` with the Redis failure counter, traffic as gateway-required
     gateway-workers     as gateway-required with `workers: N`, one per core but the load's
-                        (at least 2: on a 2-core machine both share one core, which measures
-                        what the extra processes cost, not how the rate grows with cores)
+                        (on a 2-core machine: 2 workers on both cores, sharing the load's)
 
 Environment: BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (1, 0 = none),
 BENCH_CONNECTIONS (50), BENCH_THREADS (wrk threads, 1), BENCH_TARGETS (comma-separated keys,
@@ -255,8 +254,8 @@ def start_gateway_target(
     mode = "disabled" if key == "gateway-disabled" else "required"
     workers, cores, prefix = 1, 1, pinning.proxy
     if key == "gateway-workers":
-        workers, cores, prefix = max(2, pinning.worker_cores), pinning.worker_cores, pinning.workers
-        label = workers_label(workers, cores)
+        workers, cores, prefix = pinning.worker_cores, pinning.worker_cores, pinning.workers
+        label = workers_label(workers, pinning.workers_share_load_core)
 
     def settings(port: int, admin_port: int) -> dict[str, object]:
         return configs.gateway_config(
@@ -277,11 +276,21 @@ def start_gateway_target(
     stack.require_smoke(label, port, smoke)
     requests = material.anonymous if key == "gateway-anonymous" else material.reused
     fresh = material.fresh if key == "gateway-fresh" else None
-    return Target(key, label, port, service, requests, requests, fresh, cores=cores)
+    return Target(
+        key,
+        label,
+        port,
+        service,
+        requests,
+        requests,
+        fresh,
+        cores=cores,
+        shares_load_core=key == "gateway-workers" and pinning.workers_share_load_core,
+    )
 
 
-def workers_label(workers: int, cores: int) -> str:
-    where = f"{cores} cores" if cores > 1 else "1 core"
+def workers_label(workers: int, shared: bool) -> str:
+    where = f"{workers} cores, one shared with the load" if shared else f"{workers} cores"
     return f"gateway: required, workers: {workers} on {where}"
 
 
@@ -355,7 +364,7 @@ def measure(started: list[Target | Skipped], load: Load, options: Options) -> li
     rows = [
         report.Row(t.key, t.label, [], t.reason)
         if isinstance(t, Skipped)
-        else report.Row(t.key, t.label, [], cores=t.cores)
+        else report.Row(t.key, t.label, [], cores=t.cores, shares_load_core=t.shares_load_core)
         for t in started
     ]
     estimates = Estimates()

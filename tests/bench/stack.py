@@ -64,6 +64,7 @@ class Target:
     warmup: Requests
     fresh: FreshPool | None = None
     cores: int = 1  # the cores it may use (workers: N on several)
+    shares_load_core: bool = False  # one of them is also wrk's and the upstream's
 
     @property
     def url(self) -> str:
