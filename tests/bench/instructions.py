@@ -4,12 +4,13 @@
 
 CPU time per request on a shared machine moves by ±20% from one run to the next; instruction
 counts hardly move. This runs a closed loop in one process (clients, the gateway's own server
-with its access log to /dev/null, and a minimal upstream answering like nginx) under
-`valgrind --tool=callgrind`, once with FEW and once with MANY requests, and prints
-(Ir(MANY) - Ir(FEW)) / (MANY - FEW): what one more request costs, clients and upstream included
-(measure them alone with INSTRUCTIONS_BYPASS=1, which sends the requests straight upstream).
-User space only: system calls are not counted, and OpenSSL's hashing takes a slower path under
-valgrind than on the CPU, so token digests count high.
+with its access log to /dev/null, and a minimal upstream answering like nginx) under `valgrind
+--tool=callgrind`, once with FEW and once with MANY requests, and prints (Ir(MANY) - Ir(FEW)) /
+(MANY - FEW): what one more request costs, clients and upstream included (measure them alone
+with INSTRUCTIONS_BYPASS=1, which sends the requests straight upstream). One refused request
+goes first, so the failure counter holds a session and every verified request resets its own, as
+in production. User space only: system calls are not counted, and OpenSSL's hashing takes a
+slower path under valgrind than on the CPU, so token digests and session keys count high.
 
 Environment: INSTRUCTIONS_MODE (required; or disabled), INSTRUCTIONS_FEW (200),
 INSTRUCTIONS_MANY (1200), INSTRUCTIONS_CONNECTIONS (1: with more, how requests batch in the
@@ -74,13 +75,13 @@ class _Upstream(asyncio.Protocol):
             self._transport.write(UPSTREAM_ANSWER)
 
 
-async def _client(port: int, requests: list[bytes]) -> None:
+async def _client(port: int, requests: list[bytes], status: bytes = b"200") -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     for request in requests:
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise BenchError(f"not a 200: {head[:200]!r}")
+        if not head.startswith(b"HTTP/1.1 " + status):
+            raise BenchError(f"not a {status.decode()}: {head[:200]!r}")
         length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
         await reader.readexactly(int(length.group(1)) if length else 0)
     writer.close()
@@ -127,6 +128,11 @@ async def closed_loop(
         ]
         await asyncio.gather(*(_client(port, s) for s in slices if s))
 
+    if not bypass:
+        # As in production (and after the benchmark's smoke check): the failure counter holds
+        # a session, so every verified request resets its own.
+        refused = (workdir / "refused.tsv").read_text()
+        await _client(port, [_request(port, refused)], status=b"401")
     await send(len(prepared))
     await send(count)
     await server.stop()
@@ -162,6 +168,10 @@ def prepare(workdir: Path) -> None:
         )
     )
     now = int(time.time())
+    # A user outside the traffic, so no verified request resets the failure counted for them.
+    outsider = dataset.event_body(USERS, dataset.user_name(USERS))
+    mallory = dataset.sign_token(key, "mallory", now)
+    (workdir / "refused.tsv").write_text(f"{mallory}\t\t{outsider}")
     with (workdir / "requests.tsv").open("w") as out:
         for i in range(USERS):
             user = dataset.user_name(i)
