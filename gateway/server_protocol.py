@@ -367,6 +367,11 @@ class HttpConnection(asyncio.Protocol):
                 response.close = True
                 return
             self.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+            if self._transport is not None:
+                # Sent now, not after the pass: the transport says whether to pause only once
+                # it holds the bytes, and meanwhile the upstream's buffer (up to 4 MiB) would
+                # be poured into the client's.
+                self._outbox.flush(self._transport)
             if self._write_paused:
                 self._drained = self._loop.create_future()
                 await self._drained

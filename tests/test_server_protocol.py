@@ -496,6 +496,62 @@ async def test_answer_past_the_buffer_to_connection_close_says_close(
     assert answer.header("Connection") == "close"
 
 
+PASSES_BETWEEN_BITES = 50
+
+
+async def test_a_streamed_answer_stops_at_the_high_water_mark_for_a_slow_client(
+    make_gateway: GatewayFactory, serve_app: Callable[[Handler], Awaitable[str]]
+) -> None:
+    """The client reads nothing while the upstream fills the gateway's read buffer, then reads
+    in small bites: each time the gateway may write again, the stream must stop at the
+    transport's high-water mark (64 KiB), not pour what the upstream buffered into it."""
+    piece, total, sent = b"x" * (64 * 1024), 16 << 20, [0]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse()
+        response.content_length = total
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while sent[0] < total:
+                await response.write(piece)
+                sent[0] += len(piece)
+        return response
+
+    url = await serve_app(handler)
+    gateway = await make_gateway(upstream={"url": url, "timeout_seconds": 30})
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", gateway.port))
+        await loop.sock_sendall(sock, post("slow-reader"))
+        async with asyncio.timeout(5):
+            assert (await loop.sock_recv(sock, 1024)).startswith(b"HTTP/1.1 200 ")
+        (connection,) = listener(gateway).connections
+
+        async def upstream_buffered() -> bool:
+            return sent[0] >= 4 << 20  # held by the gateway, the sockets, or both
+
+        await eventually(upstream_buffered, "the upstream to send 4 MiB the client has not read")
+        largest, received = 0, 0
+        async with asyncio.timeout(30):
+            while received < 8 << 20:
+                with contextlib.suppress(BlockingIOError):
+                    received += len(sock.recv(64 * 1024, socket.MSG_DONTWAIT))
+                # Between two bites, passes of the loop in which the upstream's bytes pile
+                # up in the gateway while it waits for this client.
+                for _ in range(PASSES_BETWEEN_BITES):
+                    await asyncio.sleep(0)
+                    transport = connection._transport
+                    assert transport is not None
+                    largest = max(largest, transport.get_write_buffer_size())
+        assert largest < 256 * 1024, f"{largest} bytes queued for a client that reads slowly"
+    finally:
+        sock.close()
+
+
 async def test_close_while_reading_is_paused_still_delivers_the_answers_in_flight(
     make_gateway: GatewayFactory, serve_app: Callable[[Handler], Awaitable[str]]
 ) -> None:
