@@ -20,7 +20,7 @@ from gateway.body import check_media_type, content_coding, decompress, parse_jso
 from gateway.clock import Clock
 from gateway.compiled import CompiledConfig
 from gateway.config import LimitsSettings
-from gateway.counters import FailureCounter, SessionKey, session_key
+from gateway.counters import FailureCounter, Session, session_hint, session_key
 from gateway.decide import Attempt, AuthStatus, authenticate, check_api_key
 from gateway.errors import ErrorFormat, render_error
 from gateway.extract import RequestParts, collect_headers, parse_query
@@ -248,8 +248,9 @@ class Gateway:
                     or bound.key_uses[project.label, JWKS_URL_KID]
                 )
                 key_use.inc()
-                if not self.counter.empty:
-                    self.counter.reset(self._session_key(project, exchange, attempt))
+                session = self._session(project, exchange, attempt)
+                if self.counter.may_hold(session_hint(session)):
+                    self.counter.reset(session_key(*session))
 
         return await self._forward(
             request, config, bound, target, exchange, status, attempt, checked.body, checked.decoded
@@ -420,13 +421,13 @@ class Gateway:
     # --- the failure counter -------------------------------------------------------------------
 
     @staticmethod
-    def _session_key(project: Project, exchange: Exchange, attempt: Attempt) -> SessionKey:
+    def _session(project: Project, exchange: Exchange, attempt: Attempt) -> Session:
         project_id = (exchange.project_id or "").lower()
         if attempt.session_id is not None:
-            return session_key(project.label, project_id, "session", attempt.session_id)
+            return project.label, project_id, "session", attempt.session_id
         if attempt.identity is not None:
-            return session_key(project.label, project_id, "user", identity_key(attempt.identity))
-        return session_key(project.label, project_id, "client", exchange.client or "")
+            return project.label, project_id, "user", identity_key(attempt.identity)
+        return project.label, project_id, "client", exchange.client or ""
 
     async def _count_failure(
         self,
@@ -442,7 +443,8 @@ class Gateway:
         if not failure.code.counts_for_session:
             return None
         started = time.perf_counter()
-        count = await self.counter.record_failure(self._session_key(project, exchange, attempt))
+        session = self._session(project, exchange, attempt)
+        count = await self.counter.record_failure(session_key(*session))
         bound.counter_duration.observe(time.perf_counter() - started)
         if count is None or count.count <= config.settings.failure_counter.threshold:
             return None

@@ -13,7 +13,7 @@ from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from gateway.clock import ManualClock
-from gateway.counters import FailureCounter, session_key
+from gateway.counters import FailureCounter, SessionKey, session_hint, session_key
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
 from tests.conftest import NOW, GatewayFactory, RunningGateway, Tokens, Upstream
@@ -238,3 +238,43 @@ async def test_threshold_is_configurable(
     gateway.clock.advance(60)
     assert (await send(http, gateway, session))[0] == 401
     assert gateway.clock.now() == NOW + 60
+
+
+# --- may_hold: the pre-check that spares a verified request the session key's SHA-256 ----------
+
+
+async def test_a_session_with_a_failure_counted_may_be_held(make_counter: CounterFactory) -> None:
+    counter = (await make_counter(1800, 100)).counter
+    await counter.record_failure(KEY)
+    assert counter.may_hold(session_hint(("app", "app", "session", "s-1")))
+    assert counter.may_hold(KEY.hint)
+
+
+async def test_the_memory_counter_says_which_sessions_it_cannot_hold(clock: ManualClock) -> None:
+    counter = MemoryFailureCounter(ttl_seconds=1800, max_sessions=2, clock=clock)
+    assert not counter.may_hold(KEY.hint)
+    await counter.record_failure(KEY)
+    await counter.record_failure(KEY)
+    assert counter.may_hold(KEY.hint)
+    assert not counter.may_hold(OTHER.hint)
+    counter.reset(KEY)
+    assert not counter.may_hold(KEY.hint)
+    counter.reset(KEY)  # nothing held: changes nothing
+    assert not counter.may_hold(KEY.hint)
+    # Evicted as least recently used: no longer held either.
+    third = session_key("app", "app", "session", "s-3")
+    for key in (KEY, OTHER, third):
+        await counter.record_failure(key)
+    assert [counter.may_hold(k.hint) for k in (KEY, OTHER, third)] == [False, True, True]
+
+
+async def test_sessions_sharing_a_hint_keep_it_until_the_last_is_reset(clock: ManualClock) -> None:
+    counter = MemoryFailureCounter(ttl_seconds=1800, max_sessions=100, clock=clock)
+    # Two sessions whose hashes collide (forced here: rare with Python's randomised hash).
+    first, second = (SessionKey("app", bytes([i]) * 32, hint=7) for i in (1, 2))
+    await counter.record_failure(first)
+    await counter.record_failure(second)
+    counter.reset(first)
+    assert counter.may_hold(7)
+    counter.reset(second)
+    assert not counter.may_hold(7)

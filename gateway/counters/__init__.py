@@ -6,7 +6,7 @@ because the counter only ever turns a 401 into a 429 and failing closed would pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.hashing import sha256
@@ -18,11 +18,22 @@ class SessionKey:
 
     namespace: str
     digest: bytes
+    hint: int = field(compare=False)  # its `session_hint`, in this process only
+
+
+Session = tuple[str, str, str, str]  # project label, project id, kind of session, its value
+
+
+def session_hint(session: Session) -> int:
+    """A cheap stand-in for a session's key, to ask `FailureCounter.may_hold` before paying a
+    SHA-256 for a reset (Python's randomised hash: equal for equal sessions in this process,
+    rarely equal for two others, and then only a digest is computed for nothing)."""
+    return hash(session)
 
 
 def session_key(label: str, project_id: str, kind: str, value: str) -> SessionKey:
     material = "\x00".join((project_id, kind, value)).encode("utf-8", "surrogatepass")
-    return SessionKey(label, sha256(material))
+    return SessionKey(label, sha256(material), session_hint((label, project_id, kind, value)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +53,9 @@ class FailureCounter(Protocol):
         """Clear a session after a success, off the request's path."""
         ...
 
-    @property
-    def empty(self) -> bool:
-        """True when no session can have a failure counted: a reset would change nothing."""
+    def may_hold(self, hint: int) -> bool:
+        """False when no session with this `session_hint` can have a failure counted: its
+        reset would change nothing, and its key need not be computed."""
         ...
 
     async def close(self) -> None: ...

@@ -99,9 +99,8 @@ class RedisFailureCounter:
             return None
         return FailureCount(int(count), max(1, math.ceil(int(ttl_ms) / 1000)))
 
-    @property
-    def empty(self) -> bool:
-        return False  # the counts live in Redis, shared with other gateways
+    def may_hold(self, hint: int) -> bool:
+        return True  # the counts live in Redis, shared with other gateways
 
     def reset(self, key: SessionKey) -> None:
         self._pending_resets[redis_key(key)] = None
