@@ -50,6 +50,9 @@ _UPSTREAM_ERROR_KINDS = {
     Reason.UPSTREAM_TIMEOUT: "timeout",
     Reason.UPSTREAM_BROKEN: "other",
 }
+# Methods whose bodies many servers never read: such a body would be taken for the next request
+# on the upstream connection, one the gateway never checked.
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 JWKS_URL_KID = "_jwks_url"
 UPSTREAM_RETRY_AFTER_SECONDS = 1
 KEYS_RETRY_AFTER_SECONDS = 5
@@ -196,6 +199,10 @@ class Gateway:
         if self.stopping:
             raise Rejected(Reason.SHUTTING_DOWN)
         target = parse_target(request.raw_path)
+        if request.method in _BODYLESS_METHODS and (
+            request.content_length or request.header("transfer-encoding") is not None
+        ):
+            raise Rejected(Reason.BODY_NOT_ALLOWED)
         if request.method == "OPTIONS" and (preflight := self._preflight(request, config, target)):
             return preflight
         route, params = config.router.match(request.method, target.path)
@@ -484,6 +491,7 @@ class Gateway:
         close = reason.code in (Code.PAYLOAD_TOO_LARGE, Code.SHUTTING_DOWN) or reason in (
             Reason.HTTP_MALFORMED,
             Reason.BODY_TIMEOUT,
+            Reason.BODY_NOT_ALLOWED,
         )
         return Response(answer.status, headers, answer.body, close=close)
 

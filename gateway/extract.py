@@ -101,8 +101,22 @@ def collect_headers(
     return found
 
 
+def query_name_key(name: str) -> str:
+    """A query parameter's name as the most lenient upstream reads it: without case (ASP.NET
+    and some Go routers match names in any case, by Unicode folding) and with PHP's reading of
+    spaces and dots as `_`. Names that one upstream merges are one parameter here."""
+    return name.casefold().replace(" ", "_").replace(".", "_")
+
+
+# A bracket makes a name structured for PHP and for Node's `qs` (Express): `user_id[]=bob` is
+# the array ["bob"] under `user_id` there, so it is a second value of `user_id`, never another
+# parameter.
+STRUCTURED = "[structured]"
+
+
 def parse_query(raw_query: str | None) -> dict[str, list[str]]:
-    """Query parameters as the upstream's form decoder reads them (`+` is a space)."""
+    """Query parameters as the upstream's form decoder reads them (`+` is a space), keyed by
+    `query_name_key`; a structured name (`a[]`, `a[b]`) adds STRUCTURED under its base name."""
     if not raw_query:
         return {}
     if ";" in raw_query:
@@ -114,11 +128,12 @@ def parse_query(raw_query: str | None) -> dict[str, list[str]]:
             continue
         name, _, value = part.partition("=")
         try:
-            params.setdefault(unquote_plus(name, errors="strict"), []).append(
-                unquote_plus(value, errors="strict")
-            )
+            name = unquote_plus(name, errors="strict")
+            value = unquote_plus(value, errors="strict")
         except UnicodeDecodeError:
             raise Rejected(Reason.QUERY_INVALID) from None
+        base, bracket, _ = name.partition("[")
+        params.setdefault(query_name_key(base), []).append(STRUCTURED if bracket else value)
     return params
 
 
@@ -126,31 +141,45 @@ _ABSENT: Any = object()
 
 
 def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
-    """Every value at the end of `steps`; a missing key drops that branch, a wrong type is 400."""
+    """Every value at the end of `steps`; a missing key or a JSON null drops that branch (SDKs
+    send `"userId": null` for anonymous events), any other wrong type is 400."""
     current = [document]
     for step in steps:
         following: list[Any] = []
         if step is STAR:
             for node in current:
+                if node is None:
+                    continue
                 if not isinstance(node, list):
                     raise Rejected(Reason.IDENTITY_NOT_ARRAY)
                 following.extend(node)
         else:
-            folded = step.lower()
+            folded = step.casefold()
             for node in current:
+                if node is None:
+                    continue
                 if not isinstance(node, dict):
                     raise Rejected(Reason.IDENTITY_NOT_OBJECT)
                 value = node.get(step, _ABSENT)
-                # Keys that read as ours case-insensitively: ours alone, if present. Another
-                # spelling, alone or beside ours, is a second reading for a case-insensitive
-                # upstream. (Counted by C loops: a generator per node costs three times more.)
+                # Keys that read as ours under Unicode case folding (Go's encoding/json matches
+                # `regi\u017ftered`, with a long s, to a field `registered`): ours alone, if
+                # present. Another spelling, alone or beside ours, is a second reading for such
+                # an upstream. (Counted by C loops: a generator per node costs three times more.)
                 ours = 0 if value is _ABSENT else 1
-                if list(map(str.lower, node)).count(folded) != ours:
+                if list(map(str.casefold, node)).count(folded) != ours:
                     raise Rejected(Reason.CASE_VARIANT_KEY)
-                if value is not _ABSENT:
+                if value is not _ABSENT and value is not None:
                     following.append(value)
         current = following
     return current
+
+
+def distinct_keys(mapping: dict[str, Any]) -> dict[str, Any]:
+    """An object whose keys are read whole (an `id_map` identity): none two equal under Unicode
+    case folding, since a case-insensitive reader would take either for the other."""
+    if len(set(map(str.casefold, mapping))) != len(mapping):
+        raise Rejected(Reason.CASE_VARIANT_KEY)
+    return mapping
 
 
 _IDENTITY_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
@@ -181,8 +210,17 @@ def _single_header(parts: RequestParts, name: str) -> str | None:
     return values[0]
 
 
+def query_values(parts: RequestParts, name: str) -> list[str]:
+    """Every value the upstream could read for parameter `name`, whatever its spelling; a
+    structured spelling (`name[]`) is refused."""
+    values = parts.query.get(query_name_key(name), [])
+    if STRUCTURED in values:
+        raise Rejected(Reason.QUERY_INVALID)
+    return values
+
+
 def _single_query(parts: RequestParts, name: str) -> str | None:
-    values = parts.query.get(name)
+    values = query_values(parts, name)
     if not values:
         return None
     if len(values) > 1:
@@ -231,7 +269,7 @@ def extract_token(
             raw_values = parts.headers.get(source.name, ())
             values = [t for v in raw_values if (t := _token_from_header(v, source.scheme))]
         else:
-            values = [v.strip() for v in parts.query.get(source.name, ()) if v.strip()]
+            values = [v.strip() for v in query_values(parts, source.name) if v.strip()]
         if len(values) > 1:
             raise Rejected(Reason.TOKEN_DUPLICATE)
         if not values:

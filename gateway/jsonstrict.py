@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -21,15 +22,26 @@ import orjson
 class JSONRejected(ValueError):
     """The document is not one unambiguous JSON value."""
 
-    def __init__(self, message: str, *, duplicate_key: bool = False) -> None:
+    def __init__(
+        self, message: str, *, duplicate_key: bool = False, control_in_key: bool = False
+    ) -> None:
         super().__init__(message)
         self.duplicate_key = duplicate_key
+        self.control_in_key = control_in_key
+
+
+# C parsers such as cJSON read a key up to its first NUL (`"registered\u0000"` is `registered`
+# to them), and other control characters are stripped or mangled by some readers: a key that
+# holds one is never what it seems.
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         raise JSONRejected("duplicate key", duplicate_key=True)
+    if _CONTROL.search("".join(obj)):
+        raise JSONRejected("control character in a key", control_in_key=True)
     return obj
 
 
@@ -59,7 +71,12 @@ _LONG_DIGIT_RUN = b"0" * 19
 
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
-    if b"\\" not in data and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZEROS):
+    # Without a backslash no string holds a control character but DEL, which JSON allows raw.
+    if (
+        b"\\" not in data
+        and b"\x7f" not in data
+        and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZEROS)
+    ):
         # What orjson refuses, the strict decoder below refuses too, and says why.
         with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
             value = orjson.loads(data)

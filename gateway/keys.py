@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -13,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.algorithms import ALGORITHMS, KeyType, key_type_of
 from gateway.jsonstrict import JSONRejected, loads_strict
+
+log = logging.getLogger("gateway.keys")
 
 MIN_RSA_BITS = 2048
 
@@ -204,6 +208,12 @@ def parse_jwks(
     keys: list[VerificationKey] = []
     for index, jwk in enumerate(entries):
         try:
+            if not _for_verification(jwk):
+                log.warning(
+                    "JWKS key not for verifying signatures: not used",
+                    extra={"fields": {"index": index, "kid": jwk.get("kid")}},
+                )
+                continue
             key = _jwk_entry(jwk, allowed, allow_secrets)
         except (KeyProblem, ValueError) as exc:
             raise KeyProblem(f"keys[{index}]: {exc}") from None
@@ -213,14 +223,26 @@ def parse_jwks(
     return keys
 
 
-def _jwk_entry(jwk: object, allowed: frozenset[str], allow_secrets: bool) -> VerificationKey:
+def _for_verification(jwk: object) -> bool:
+    """Whether a JWK may verify signatures (RFC 7517 §4.2, §4.3). A set often publishes its
+    encryption keys beside its signing keys: those are left out, not an error of the set."""
     if not isinstance(jwk, dict):
         raise KeyProblem("not an object")
+    use = jwk.get("use", "sig")
+    operations = jwk.get("key_ops", ["verify"])
+    if not isinstance(use, str):
+        raise KeyProblem("use is not a string")
+    if not isinstance(operations, list) or not all(isinstance(o, str) for o in operations):
+        raise KeyProblem("key_ops is not a list of strings")
+    return use == "sig" and "verify" in operations
+
+
+def _jwk_entry(
+    jwk: dict[str, Any], allowed: frozenset[str], allow_secrets: bool
+) -> VerificationKey:
     kid = jwk.get("kid")
     if not isinstance(kid, str) or not kid:
         raise KeyProblem("kid is missing")
-    if jwk.get("use", "sig") != "sig":
-        raise KeyProblem("use is not sig")
     alg = jwk.get("alg")
     if alg is not None and alg not in ALGORITHMS:
         raise KeyProblem(f"alg {alg!r} is not supported")

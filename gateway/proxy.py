@@ -15,6 +15,7 @@ from urllib.parse import unquote_plus
 from yarl import URL
 
 from gateway.config import UpstreamSettings
+from gateway.extract import query_name_key
 from gateway.http1 import Answer, Client, ConnectionPool, Head
 from gateway.messages import date_line, header_lines, normalise_header_name
 from gateway.outbox import Outbox
@@ -38,7 +39,6 @@ _REQUEST_DROPPED = frozenset(
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
-        "forwarded",
         "x-auth-status",
         "x-authenticated-user",
     }
@@ -74,10 +74,16 @@ def client_address(
 
 
 def strip_query(raw_query: str | None, names: frozenset[str]) -> str | None:
-    """The raw query without the named parameters (read as the upstream decodes names)."""
+    """The raw query without the named parameters, in every spelling an upstream reads as
+    theirs (`query_name_key`)."""
     if not raw_query or not names:
         return raw_query
-    kept = [p for p in raw_query.split("&") if unquote_plus(p.partition("=")[0]) not in names]
+    dropped = {query_name_key(n) for n in names}
+    kept = [
+        p
+        for p in raw_query.split("&")
+        if query_name_key(unquote_plus(p.partition("=")[0]).partition("[")[0]) not in dropped
+    ]
     return "&".join(kept) if kept else None
 
 
@@ -94,7 +100,24 @@ class Forwarding:
     token_scheme_drop: dict[str, tuple[bytes, ...]]  # name → values starting b"scheme " dropped
 
 
-_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+# Headers that name the client's address. Upstreams, their frameworks and their rate limiters
+# believe them (Flask's ProxyFix, nginx's real_ip, Cloudflare-aware apps), so from a client that
+# is not one of our trusted proxies they are dropped: otherwise anyone could pick the address an
+# event is recorded from.
+_CLIENT_ADDRESS = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "fastly-client-ip",
+    }
+)
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}) | (
+    _CLIENT_ADDRESS
+)
 _NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
 
 
@@ -126,7 +149,7 @@ def forward_headers(
             elif trusted and key in _FORWARDING:  # from an untrusted peer, dropped
                 if key == "x-forwarded-for":
                     forwarded_for.append(raw_value)
-                elif key == "forwarded":
+                elif key in _CLIENT_ADDRESS:
                     if key not in connection_named:
                         lines.append(raw_name + b": " + raw_value)
                 else:

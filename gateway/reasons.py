@@ -82,10 +82,12 @@ class Reason(Enum):
     # sizes and encodings
     BODY_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "body_too_large")
     BODY_TIMEOUT = _r(Code.BAD_REQUEST, "body_timeout")
+    BODY_NOT_ALLOWED = _r(Code.BAD_REQUEST, "body_not_allowed")
     DECOMPRESSED_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "decompressed_too_large")
     ENCODING_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "encoding_unsupported")
     ENCODING_INVALID = _r(Code.BAD_REQUEST, "encoding_invalid")
     MEDIA_TYPE_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "media_type_unsupported")
+    MEDIA_TYPE_INVALID = _r(Code.UNSUPPORTED_MEDIA_TYPE, "media_type_invalid")
     CHARSET_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "charset_unsupported")
     # api key
     API_KEY_MISSING = _r(Code.API_KEY_NOT_PROVIDED, "api_key_missing")
@@ -94,6 +96,7 @@ class Reason(Enum):
     JSON_INVALID = _r(Code.BAD_REQUEST, "json_invalid")
     DUPLICATE_KEY = _r(Code.BAD_REQUEST, "duplicate_key")
     CASE_VARIANT_KEY = _r(Code.BAD_REQUEST, "case_variant_key")
+    KEY_CONTROL_CHARACTER = _r(Code.BAD_REQUEST, "key_control_character")
     IDENTITY_NOT_OBJECT = _r(Code.BAD_REQUEST, "identity_path_not_object")
     IDENTITY_NOT_ARRAY = _r(Code.BAD_REQUEST, "identity_path_not_array")
     IDENTITY_INVALID = _r(Code.BAD_REQUEST, "identity_invalid")

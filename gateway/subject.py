@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.extract import RequestParts, Source, identity_text, values_at
+from gateway.extract import RequestParts, Source, distinct_keys, identity_text, values_at
 from gateway.reasons import Reason, Rejected
 
 Identity = str | Mapping[str, str]
@@ -48,8 +48,6 @@ class ScalarSubject:
 
     claim: str
     key: str | None
-
-    is_map = False
 
     def read_token(self, claims: Mapping[str, Any]) -> str:
         subject = claims.get(self.claim)
@@ -86,8 +84,6 @@ class IdMapSubject:
     claim: str
     anonymous_ids: frozenset[str]
 
-    is_map = True
-
     def read_token(self, claims: Mapping[str, Any]) -> Mapping[str, str]:
         ids = claims.get(self.claim)
         if (
@@ -115,7 +111,7 @@ class IdMapSubject:
             return [(source.id, identity_text(raw))]
         if not isinstance(raw, dict):
             raise Rejected(Reason.IDENTITY_INVALID)
-        return [(k, identity_text(v)) for k, v in raw.items()]
+        return [(k, identity_text(v)) for k, v in distinct_keys(raw).items() if v is not None]
 
     def authorises(self, identity: Identity, subject: Identity) -> bool:
         assert isinstance(identity, Mapping)
