@@ -166,7 +166,7 @@ def walk_json(document: Any, steps: Sequence[str | None]) -> list[Any]:
                 # present. Another spelling, alone or beside ours, is a second reading for such
                 # an upstream. (Counted by C loops: a generator per node costs three times more.)
                 ours = 0 if value is _ABSENT else 1
-                if list(map(str.casefold, node)).count(folded) != ours:
+                if len(node) != ours and list(map(str.casefold, node)).count(folded) != ours:
                     raise Rejected(Reason.CASE_VARIANT_KEY)
                 if value is not _ABSENT and value is not None:
                     following.append(value)

@@ -5,12 +5,13 @@ value and processed on another, so duplicates, non-finite numbers, a BOM and inv
 all refused here rather than interpreted.
 
 Most documents take a fast path: orjson (which keeps the last duplicate) plus a proof that no
-member was dropped. Anything the proof does not cover goes through the strict decoder.
+member was dropped. Documents with integers past 64 bits or control characters in strings go
+through the strict decoder, which says which rule failed.
 """
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import json
 import math
 import re
@@ -67,25 +68,54 @@ _DECODER = json.JSONDecoder(
 # documents with a run of 19 digits take the strict decoder (a regex search costs 10x more).
 _DIGITS_AS_ZEROS = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGIT_RUN = b"0" * 19
+# What a control character (or DEL) in a string looks like: in a key, only the strict decoder
+# finds it, since orjson's answer does not say which strings were keys. (Searched one by one:
+# a regex stopping at every backslash costs 25 ms on a megabyte of `\u0061`.)
+_CONTROL_MARKS = (
+    *(b"\\" + c for c in (b"b", b"f", b"n", b"r", b"t", b"u000", b"u001", b"u007f", b"u007F")),
+    b"\x7f",
+)
 
 
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
-    # Without a backslash no string holds a control character but DEL, which JSON allows raw.
-    if (
-        b"\\" not in data
-        and b"\x7f" not in data
-        and _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZEROS)
+    if _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZEROS) or (
+        (b"\\" in data or b"\x7f" in data) and any(mark in data for mark in _CONTROL_MARKS)
     ):
-        # What orjson refuses, the strict decoder below refuses too, and says why.
-        with contextlib.suppress(orjson.JSONDecodeError, orjson.JSONEncodeError):
-            value = orjson.loads(data)
-            # Without escapes every string reads as written, and a colon outside a string
-            # separates a member. orjson's re-encoding escapes no colon, so it holds as many as
-            # the document exactly when no member was dropped: no key came twice.
-            if data.count(b":") == orjson.dumps(value).count(b":"):
-                return value
-    return _loads_with_reasons(data)
+        return _loads_with_reasons(data)
+    # orjson builds a container per object and array; the cyclic collector, run every 700 of
+    # them, would cost as much again on a body of many small objects. Nothing it builds can be
+    # part of a cycle.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        # Anything orjson refuses is refused: BOM, invalid UTF-8, NaN, lone surrogates (which
+        # readers repair in different ways), nesting past 1024 levels, and malformed text.
+        raise JSONRejected(f"malformed ({exc.msg})") from None
+    finally:
+        if collecting:
+            gc.enable()
+    # orjson keeps the last of duplicate keys. Its re-encoding writes every colon as a colon:
+    # the structural ones (one per member kept) and those inside strings, including the ones
+    # the document escaped. So it holds as many colons as the document plus its escaped ones
+    # exactly when no member was dropped. (`\u003a` after an escaped backslash is text, not an
+    # escape: counted, it can only make a document look as if it lost a member, so such a
+    # document is read again by the strict decoder.)
+    expected = data.count(b":")
+    escapes_colon = b"\\u003" in data
+    if escapes_colon:
+        expected += data.count(b"\\u003a") + data.count(b"\\u003A")
+    try:
+        encoded = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # past 254 levels: no event nests so deep
+        raise JSONRejected("nested too deeply") from None
+    if encoded.count(b":") != expected:
+        if escapes_colon:
+            return _loads_with_reasons(data)
+        raise JSONRejected("duplicate key", duplicate_key=True)
+    return value
 
 
 def _loads_with_reasons(data: bytes) -> Any:

@@ -16,6 +16,8 @@ what reached the upstream.
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
 import re
 from pathlib import Path
@@ -451,3 +453,67 @@ async def test_a_jwk_not_for_verification_verifies_nothing(
         assert answer.status == status, answer.body
     assert re.fullmatch(r"kid_unknown", answer.json()["error"]["reason"])
     assert len(upstream.received) == 1
+
+
+# --- D4: no request within the default limits holds the event loop long --------------------------
+
+
+def worst_case_bodies() -> dict[str, bytes]:
+    """The most expensive JSON per byte to read for identity that the default limits admit:
+    a batch of minimal elements, tiny objects, escaped keys, empty arrays."""
+    size = 1 << 20
+    element = '{"data":{"customer_ids":{"registered":"alice"}}}'
+    escaped = '{"data":{"customer_ids":{"regi\\u0073tered":"alice"}}}'
+    return {
+        "batch": ('{"commands":[' + ",".join([element] * (size // 51)) + "]}").encode(),
+        "escaped_batch": ('{"commands":[' + ",".join([escaped] * (size // 57)) + "]}").encode(),
+        "tiny_objects": ('{"commands":[' + ",".join(['{"a":1}'] * (size // 8)) + "]}").encode(),
+        "empty_arrays": ('{"commands":[' + ",".join(["[]"] * (size // 3)) + "]}").encode(),
+        "inflating_gzip": b"",  # filled below: ~30 KB that inflate past the default limit
+    }
+
+
+async def test_no_body_within_the_default_limits_holds_the_loop_long(
+    gateway: RunningGateway, upstream: Upstream, tokens: Tokens
+) -> None:
+    """A 21 KB gzip body inflating to 7.3 MB of batch JSON held the loop ~350 ms under the old
+    8 MiB decompression default. Every request here runs while a probe on the same loop ticks
+    every millisecond; the longest gap between ticks is the longest hold."""
+    bodies = worst_case_bodies()
+    element = '{"data":{"customer_ids":{"registered":"alice"}}}'
+    bodies["inflating_gzip"] = gzip.compress(
+        ('{"commands":[' + ",".join([element] * 150_000) + "]}").encode(), 9
+    )
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    running = True
+
+    async def probe() -> None:
+        nonlocal longest
+        last = loop.time()
+        while running:
+            await asyncio.sleep(0.001)
+            now = loop.time()
+            longest = max(longest, now - last)
+            last = now
+
+    task = loop.create_task(probe())
+    holds: dict[str, float] = {}
+    try:
+        for name, data in bodies.items():
+            longest = 0.0
+            headers = [("X-Sdk-Auth-Token", tokens.good()), ("Content-Type", "application/json")]
+            if name == "inflating_gzip":
+                headers.append(("Content-Encoding", "gzip"))
+            answer = await raw_request(
+                gateway.port, raw_http(BATCH, headers, data), wait_seconds=20
+            )
+            assert answer.status in (200, 400, 413), (name, answer.status)
+            holds[name] = longest
+    finally:
+        running = False
+        await task
+    # ~50 ms on an idle core; the bound leaves room for a loaded CI machine, and the old
+    # default failed it by far (the gzip body alone held the loop 350-700 ms).
+    assert max(holds.values()) < 0.2, holds
+    print({name: f"{hold * 1000:.0f} ms" for name, hold in holds.items()})
