@@ -10,13 +10,14 @@ order, and turns their results into a response and an access-log record.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from gateway.body import check_media_type, content_coding, decompress, parse_json_body
+from gateway.body import NOT_READ, THREAD_BYTES, JsonBody, read_json_body
 from gateway.clock import Clock
 from gateway.compiled import CompiledConfig
 from gateway.config import LimitsSettings
@@ -220,11 +221,16 @@ class Gateway:
         sdk_mode = project.mode if route.sdk_jwt else "disabled"
         exchange.mode = sdk_mode
         exchange.authenticating = True
-        checked = self._check(request, route, project, parts, target, body, limits, sdk_mode)
+        reading = (
+            await self._read_json(request, body, limits)
+            if sdk_mode != "disabled" and route.reads_json and body
+            else None
+        )
+        checked = self._check(route, project, parts, target, body, reading, limits, sdk_mode)
         if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
             if await self.jwks.refetch(project.label, project.keys):
                 checked = self._check(
-                    request, route, project, parts, target, body, limits, sdk_mode
+                    route, project, parts, target, body, reading, limits, sdk_mode
                 )
             elif not project.keys.fetched_once:
                 # The kid may be in the key set we could never read: our fault, not the token's.
@@ -263,34 +269,38 @@ class Gateway:
             request, config, bound, target, exchange, status, attempt, checked.body, checked.decoded
         )
 
+    @staticmethod
     def _check(
-        self,
-        request: Request,
         route: Route,
         project: Project,
         parts: RequestParts,
         target: Target,
         body: bytes,
+        reading: JsonBody | None,
         limits: LimitsSettings,
         sdk_mode: str,
     ) -> Checked:
         """Encoding, api_key, then sdk_jwt in the contract's order. Raises what every mode
         refuses; returns an sdk_jwt failure for the caller to count, refuse or forward."""
         checked = Checked(body)
-        if sdk_mode != "disabled" and route.reads_json and body:
-            try:
-                checked.body, checked.decoded = self._decode_body(request, body, limits)
-            except Rejected as refused:
-                if sdk_mode == "required" or refused.reason.code is Code.PAYLOAD_TOO_LARGE:
-                    raise
-                checked.failure = refused.reason
+        if reading is not None:
+            checked.body, checked.decoded = reading.forwarded, reading.decoded
+            refused = reading.encoding_refused
+            if refused is not None:
+                if sdk_mode == "required" or refused.code is Code.PAYLOAD_TOO_LARGE:
+                    raise Rejected(refused)
+                checked.failure = refused
         if route.api_key:
             check_api_key(project, parts)
         if sdk_mode == "disabled" or checked.failure is not None:
             return checked
+        if reading is not None:
+            checked.failure = reading.parse_refused
+            if checked.failure is not None:
+                return checked
+            if reading.document is not NOT_READ:
+                parts.body = reading.document
         try:
-            if route.reads_json and checked.body:
-                parts.body = parse_json_body(checked.body)
             if route.reads_query:
                 parts.query = parse_query(target.query)
             checked.status = authenticate(
@@ -410,12 +420,20 @@ class Gateway:
         return await request.body(limits.body_timeout_seconds)
 
     @staticmethod
-    def _decode_body(request: Request, body: bytes, limits: LimitsSettings) -> tuple[bytes, bool]:
-        check_media_type(request.header_values("content-type"))
-        coding = content_coding(request.header_values("content-encoding"))
-        if coding is None:
-            return body, False
-        return decompress(body, coding, limits.max_decompressed_bytes), True
+    async def _read_json(request: Request, body: bytes, limits: LimitsSettings) -> JsonBody:
+        """The body's one JSON reading; a large or compressed one is read on a worker thread
+        (orjson and zlib hold the GIL only while they run; the strict decoder hands it over
+        every few milliseconds), so the event loop keeps serving meanwhile."""
+        encodings = request.header_values("content-encoding")
+        reading = (
+            body,
+            request.header_values("content-type"),
+            encodings,
+            limits.max_decompressed_bytes,
+        )
+        if len(body) > THREAD_BYTES or encodings:
+            return await asyncio.to_thread(read_json_body, *reading)
+        return read_json_body(*reading)
 
     @staticmethod
     def _client(request: Request, config: CompiledConfig) -> str | None:

@@ -460,7 +460,8 @@ async def test_a_jwk_not_for_verification_verifies_nothing(
 
 def worst_case_bodies() -> dict[str, bytes]:
     """The most expensive JSON per byte to read for identity that the default limits admit:
-    a batch of minimal elements, tiny objects, escaped keys, empty arrays."""
+    a batch of minimal elements, tiny objects, escaped keys, empty arrays, and empty objects
+    for the strict decoder (300 ms a MiB: read on a worker thread)."""
     size = 1 << 20
     element = '{"data":{"customer_ids":{"registered":"alice"}}}'
     escaped = '{"data":{"customer_ids":{"regi\\u0073tered":"alice"}}}'
@@ -469,6 +470,10 @@ def worst_case_bodies() -> dict[str, bytes]:
         "escaped_batch": ('{"commands":[' + ",".join([escaped] * (size // 57)) + "]}").encode(),
         "tiny_objects": ('{"commands":[' + ",".join(['{"a":1}'] * (size // 8)) + "]}").encode(),
         "empty_arrays": ('{"commands":[' + ",".join(["[]"] * (size // 3)) + "]}").encode(),
+        # a control character in a string sends the document to the strict decoder
+        "strict_decoder": (
+            '{"commands":[' + ",".join(["{}"] * (size // 3)) + '],"n":"\\n"}'
+        ).encode(),
         "inflating_gzip": b"",  # filled below: ~30 KB that inflate past the default limit
     }
 
