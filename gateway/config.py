@@ -171,9 +171,9 @@ class UpstreamSettings(_Settings):
 
 class LimitsSettings(_Settings):
     max_body_bytes: Annotated[int, Field(ge=1)] = 1_048_576
-    # Reading a body for identity holds the event loop about 40 ms per MiB of the worst JSON
-    # (a batch of tiny objects): 1 MiB keeps every request near the 50 ms every other request
-    # may have to wait. Raise both limits together only for workers that can afford it.
+    # Reading a body for identity costs about 15 ms per MiB of the worst JSON (tiny objects) in
+    # orjson, which holds the GIL, whichever thread runs it: 1 MiB keeps the wait it can impose
+    # on every other request well under 50 ms.
     max_decompressed_bytes: Annotated[int, Field(ge=1)] = 1_048_576
     max_token_bytes: Annotated[int, Field(ge=256, le=65_536)] = 8192
     body_timeout_seconds: PositiveSeconds = 30.0
