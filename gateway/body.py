@@ -23,16 +23,19 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate":
 
 
 def content_coding(values: list[str]) -> str | None:
-    """The one content coding named by the Content-Encoding headers, None for identity."""
+    """The one content coding named by the Content-Encoding header, None for identity. A list
+    (`identity, gzip`), a repeated header or an unknown coding is refused: readers disagree
+    about which codings of a list apply, and in what order."""
     if not values:
         return None
-    codings = [c.strip().lower() for v in values for c in v.split(",")]
-    codings = [c for c in codings if c and c != "identity"]
-    if not codings:
-        return None
-    if len(codings) > 1 or codings[0] not in _WBITS:
+    if len(values) > 1 or "," in values[0]:
         raise Rejected(Reason.ENCODING_UNSUPPORTED)
-    return codings[0]
+    coding = values[0].strip().lower()
+    if coding == "identity":
+        return None
+    if coding not in _WBITS:
+        raise Rejected(Reason.ENCODING_UNSUPPORTED)
+    return coding
 
 
 def decompress(body: bytes, coding: str, max_bytes: int) -> bytes:

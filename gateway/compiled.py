@@ -49,6 +49,18 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
                 "memory with more than one worker: each worker counts its sessions alone",
             )
         )
+    every_project = [("defaults", settings.defaults)] + [
+        (f"projects.{project_id}", project) for project_id, project in settings.projects.items()
+    ]
+    warnings.extend(
+        Problem(
+            f"{path}.jwks_refresh_seconds",
+            f"{project.jwks_refresh_seconds} s: every replica fetches the JWKS this often; "
+            "identity providers may rate-limit below 10 s",
+        )
+        for path, project in every_project
+        if project.jwks_url is not None and project.jwks_refresh_seconds < 10
+    )
     owners: dict[bytes, list[str]] = {}
     shown: dict[bytes, str] = {}
     for project_id, project in projects.items():

@@ -257,13 +257,16 @@ class ProjectSettings(_Settings):
     audience: str | None = None
     issuer: str | None = None
     leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    # MoEngage requires `typ: JWT`; libraries such as `jose` omit it. Another `typ` is always
+    # refused: it names a token meant for something else.
+    require_typ: bool = True
     max_token_lifetime_seconds: Annotated[int, Field(ge=0)] = 0
     expiry_warning_seconds: Annotated[int, Field(ge=0)] = 300
     api_keys: tuple[str, ...] = ()
     keys: tuple[KeySettings, ...] = ()
     jwks_file: Annotated[str | None, Field(min_length=1)] = None
     jwks_url: str | None = None
-    jwks_refresh_seconds: Annotated[int, Field(ge=10, le=86_400)] = 300
+    jwks_refresh_seconds: Annotated[int, Field(ge=1, le=86_400)] = 300
     jwks_min_refetch_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
 
     @field_validator("jwks_url")

@@ -172,6 +172,7 @@ def compile_project(
         issuer=settings.issuer,
         leeway=settings.leeway_seconds,
         max_lifetime=settings.max_token_lifetime_seconds,
+        require_typ=settings.require_typ,
     )
     identity = repr(
         (

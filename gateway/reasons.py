@@ -118,6 +118,7 @@ class Reason(Enum):
     TOKEN_DUPLICATE_KEY = _r(Code.TOKEN_REJECTED, "duplicate_key")
     ALG_MISSING = _r(Code.TOKEN_REJECTED, "alg_missing")
     ALG_NOT_ALLOWED = _r(Code.TOKEN_REJECTED, "alg_not_allowed")
+    TYP_MISSING = _r(Code.TOKEN_REJECTED, "typ_missing")
     TYP_INVALID = _r(Code.TOKEN_REJECTED, "typ_invalid")
     CRIT_UNSUPPORTED = _r(Code.TOKEN_REJECTED, "crit_unsupported")
     KID_INVALID = _r(Code.TOKEN_REJECTED, "kid_invalid")

@@ -127,6 +127,7 @@ class Policy:
     issuer: str | None
     leeway: int
     max_lifetime: int
+    require_typ: bool = True
 
 
 class TokenVerifier:
@@ -187,7 +188,10 @@ class TokenVerifier:
         if not isinstance(alg, str) or alg not in self.policy.algorithms:
             raise Rejected(Reason.ALG_NOT_ALLOWED)
         typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.upper() != "JWT"):
+        if typ is None:
+            if self.policy.require_typ:
+                raise Rejected(Reason.TYP_MISSING)
+        elif not isinstance(typ, str) or typ.upper() != "JWT":
             raise Rejected(Reason.TYP_INVALID)
         if "crit" in header:
             # We implement no JWS extension, so any `crit` names one we do not understand.

@@ -674,9 +674,11 @@ async def test_deeply_nested_token_is_rejected_not_500(
     claims = json.dumps(tokens.claims()).encode()
     # 2000 levels: past Python's recursion limit, within max_token_bytes once encoded.
     nested_payload = claims[:-1] + b', "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
-    nested_header = b'{"alg": "RS256", "kid": "key-a", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    nested_header = (
+        b'{"alg": "RS256", "kid": "key-a", "typ": "JWT", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    )
     for token in (
-        sign_raw(b'{"alg": "RS256", "kid": "key-a"}', nested_payload, key_a),
+        sign_raw(b'{"alg": "RS256", "kid": "key-a", "typ": "JWT"}', nested_payload, key_a),
         sign_raw(nested_header, claims, key_a),
     ):
         assert_token_rejected(await post_token(gateway, token), "malformed")
@@ -853,12 +855,14 @@ async def test_es256_token_naming_an_rsa_key_id_is_rejected(
 ) -> None:
     gateway, ec_key = rsa_and_ec_gateway
     claims = tokens.claims()
-    confused = sign_es256({"alg": "ES256", "kid": "key-a"}, claims, ec_key)
+    confused = sign_es256({"alg": "ES256", "kid": "key-a", "typ": "JWT"}, claims, ec_key)
     assert_token_rejected(await post_token(gateway, confused), "alg_not_allowed")
-    attacker = sign_es256({"alg": "ES256"}, claims, ec_private())  # kid-less: EC keys only
+    attacker = sign_es256(
+        {"alg": "ES256", "typ": "JWT"}, claims, ec_private()
+    )  # kid-less: EC keys only
     assert_token_rejected(await post_token(gateway, attacker), "signature_invalid")
     assert upstream.received == []
-    genuine = sign_es256({"alg": "ES256", "kid": "ec-1"}, claims, ec_key)
+    genuine = sign_es256({"alg": "ES256", "kid": "ec-1", "typ": "JWT"}, claims, ec_key)
     assert (await post_token(gateway, genuine)).status == 200
 
 

@@ -748,6 +748,22 @@ def test_one_key_under_two_ids_of_one_project_is_not_a_shared_key(
     assert not any("share key" in str(w) for w in compiled.warnings), compiled.warnings
 
 
+@pytest.mark.parametrize(("seconds", "warns"), [(1, True), (9, True), (10, False)])
+def test_jwks_refresh_below_ten_seconds_is_accepted_with_a_warning(
+    tmp_path: Path, key_a: KeyPair, seconds: int, warns: bool
+) -> None:
+    cfg = config()
+    cfg["projects"]["app"].update(
+        jwks_url="https://auth.example.com/jwks.json", jwks_refresh_seconds=seconds
+    )
+    warnings = [str(w) for w in compile_file(write(tmp_path, cfg, key_a)).warnings]
+    expected = (
+        f"projects.app.jwks_refresh_seconds: {seconds} s: every replica fetches the JWKS this "
+        "often; identity providers may rate-limit below 10 s"
+    )
+    assert warnings == ([expected] if warns else [])
+
+
 def test_warnings_do_not_fail_the_config(tmp_path: Path, key_a: KeyPair) -> None:
     cfg = config(workers=2)
     cfg["projects"]["shop"] = {"mode": "monitor", "keys": [{"id": "k", "pem": key_a.public_pem}]}

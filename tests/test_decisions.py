@@ -161,6 +161,7 @@ REJECTED_CASES: list[tuple[str, str]] = [
     ("alg_missing", "alg_missing"),
     ("alg_none", "alg_not_allowed"),
     ("typ_wrong", "typ_invalid"),
+    ("typ_missing", "typ_missing"),
     ("crit", "crit_unsupported"),
     ("kid_unknown", "kid_unknown"),
     ("exp_missing", "exp_missing"),
@@ -201,6 +202,8 @@ def make_bad_token(case: str, tokens: Tokens, key_b: Any) -> str:
             return sign_raw(b'{"alg":"none","kid":"key-a"}', payload, tokens.key)
         case "typ_wrong":
             return tokens.mint(claims, headers={"typ": "at+jwt"})
+        case "typ_missing":
+            return sign_raw(b'{"alg":"RS256","kid":"key-a"}', payload, tokens.key)
         case "crit":
             return tokens.mint(claims, headers={"crit": ["exp"]})
         case "kid_unknown":
@@ -275,6 +278,24 @@ async def test_bad_token_is_rejected(
     assert body["error"]["reason"] == reason
     assert headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
     assert upstream.received == []
+
+
+async def test_require_typ_false_accepts_a_token_without_typ_but_never_another_typ(
+    http: aiohttp.ClientSession, make_gateway: GatewayFactory, tokens: Tokens
+) -> None:
+    """Libraries such as `jose` omit `typ`; a project may accept that, never a wrong one."""
+
+    def lenient(config: dict[str, Any]) -> None:
+        config["projects"]["app"]["require_typ"] = False
+
+    gateway = await make_gateway(lenient)
+    payload = json.dumps(tokens.claims()).encode()
+    without_typ = sign_raw(b'{"alg":"RS256","kid":"key-a"}', payload, tokens.key)
+    status, _, _ = await post(http, gateway, identified(), {"X-Sdk-Auth-Token": without_typ})
+    assert status == 200
+    wrong = tokens.mint(tokens.claims(), headers={"typ": "at+jwt"})
+    status, body, _ = await post(http, gateway, identified(), {"X-Sdk-Auth-Token": wrong})
+    assert (status, body["error"]["reason"]) == (401, "typ_invalid")
 
 
 async def test_token_over_max_bytes_is_rejected(

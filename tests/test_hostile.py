@@ -467,6 +467,9 @@ async def test_unreadable_media_type_is_415(
         pytest.param(["compress"], id="compress"),
         pytest.param(["gzip, gzip"], id="stacked_in_one_header"),
         pytest.param(["gzip", "deflate"], id="stacked_in_two_headers"),
+        pytest.param(["identity, gzip"], id="identity_then_gzip"),
+        pytest.param(["gzip, identity"], id="gzip_then_identity"),
+        pytest.param(["identity", "identity"], id="identity_twice"),
     ],
 )
 async def test_unknown_or_stacked_content_encoding_is_415(
