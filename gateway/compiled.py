@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.clock import Clock
-from gateway.config import ConfigError, LoadedConfig, Problem, Settings
+from gateway.config import ConfigError, LoadedConfig, Problem, Settings, load_settings
 from gateway.projects import OTHER_PROJECTS, Project, check_api_keys, compile_project
 from gateway.route_table import Route, check_route_projects, compile_route
 from gateway.routes import Router
@@ -160,3 +161,27 @@ def compile_config(
         },
         token_cache=cache,
     )
+
+
+def load_and_compile(
+    path: Path, clock: Clock, cache: TokenCache | None = None, env: Mapping[str, str] | None = None
+) -> CompiledConfig:
+    """Read, validate and compile a config file; `ConfigError` lists every problem at once:
+    when the schema refuses some keys, the checks after it still run on the rest, and report
+    what they find outside the refused keys (a weak key is not hidden by a typo elsewhere)."""
+    try:
+        loaded = load_settings(path, env)
+    except ConfigError as refused:
+        if refused.salvaged is None:
+            raise
+        found = {p.path for p in refused.problems}
+        try:
+            compile_config(refused.salvaged, clock, cache)
+        except ConfigError as more:
+            refused.problems.extend(
+                p
+                for p in more.problems
+                if not any(p.path == f or p.path.startswith((f + ".", f + "[")) for f in found)
+            )
+        raise ConfigError(refused.problems) from None
+    return compile_config(loaded, clock, cache)

@@ -7,6 +7,7 @@ needs more than one field to judge (keys, routes against projects) is checked by
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 import re
@@ -38,11 +39,16 @@ class Problem:
 
 
 class ConfigError(Exception):
-    """A config that must not serve; carries every problem found, each with its YAML path."""
+    """A config that must not serve; carries every problem found, each with its YAML path.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    `salvaged`: when the schema refused some keys, the config without them, if that passes the
+    schema; the checks after the schema run on it, so an unknown key does not hide a weak key
+    elsewhere."""
+
+    def __init__(self, problems: list[Problem], salvaged: LoadedConfig | None = None) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+        self.salvaged = salvaged
 
 
 def yaml_path(loc: tuple[int | str, ...]) -> str:
@@ -473,11 +479,37 @@ def parse_settings(raw: Any, source: Path, env: Mapping[str, str]) -> LoadedConf
         settings = Settings.model_validate(substituted)
     except ValidationError as exc:
         unset = {p.path for p in problems}
-        problems.extend(_problems(exc.errors(include_url=False), unset))
-        raise ConfigError(problems) from None
+        errors = exc.errors(include_url=False)
+        problems.extend(_problems(errors, unset))
+        salvaged = _without(substituted, [_location(e) for e in errors])
+        raise ConfigError(
+            problems, None if salvaged is None else LoadedConfig(salvaged, source, source.parent)
+        ) from None
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, LoadedConfig(settings, source, source.parent))
     return LoadedConfig(settings, source, source.parent)
+
+
+def _without(raw: dict[str, Any], locations: list[tuple[int | str, ...]]) -> Settings | None:
+    """The settings without the keys the schema refused (their defaults in their place), or
+    None when that does not pass the schema either (a required key was the one refused)."""
+    pruned = copy.deepcopy(raw)
+    for loc in locations:
+        node: Any = pruned
+        for step in loc[:-1]:
+            node = node[step] if _has(node, step) else None
+        if isinstance(node, dict) and loc and loc[-1] in node:
+            del node[loc[-1]]
+    try:
+        return Settings.model_validate(pruned)
+    except ValidationError:
+        return None
+
+
+def _has(node: Any, step: int | str) -> bool:
+    if isinstance(node, dict):
+        return step in node
+    return isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
 
 
 def load_settings(path: Path, env: Mapping[str, str] | None = None) -> LoadedConfig:

@@ -15,8 +15,8 @@ from aiohttp import web
 from gateway.admin import make_admin_app
 from gateway.app import Gateway
 from gateway.clock import Clock, SystemClock
-from gateway.compiled import CompiledConfig, compile_config
-from gateway.config import ConfigError, Problem, Settings, load_settings
+from gateway.compiled import CompiledConfig, load_and_compile
+from gateway.config import ConfigError, Problem, Settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
@@ -43,7 +43,7 @@ def _setting(settings: Settings, dotted: str) -> object:
 
 
 def load_config(path: Path, clock: Clock, cache: TokenCache | None = None) -> CompiledConfig:
-    return compile_config(load_settings(path), clock, cache)
+    return load_and_compile(path, clock, cache)
 
 
 def bind(address: str, *, reuse_port: bool) -> socket.socket:

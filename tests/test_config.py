@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.clock import ManualClock
-from gateway.compiled import CompiledConfig, compile_config
+from gateway.compiled import CompiledConfig, compile_config, load_and_compile
 from gateway.config import ConfigError, LoadedConfig, Problem, load_settings
 from tests.conftest import NOW, KeyPair, base_config, write_config
 
@@ -351,6 +351,37 @@ def test_every_cross_field_problem_is_reported_at_once(tmp_path: Path, key_a: Ke
         r"routes\[1\]\.name: 'track-events' names two routes",
         r"routes\[2\]\.path: must start with / \(got 'v2/sdkconfig'\)",
     )
+
+
+def test_schema_problems_do_not_hide_the_checks_after_the_schema(
+    tmp_path: Path, key_a: KeyPair
+) -> None:
+    """An unknown key and a bad value elsewhere no longer hide a 1024-bit key: the config
+    without the refused keys is checked too, and what that finds is reported with them."""
+    cfg = config(listn="0.0.0.0:8080")
+    cfg["projects"]["p1"] = project_with_key(small_rsa_public_pem())
+    cfg["projects"]["app"]["leeway_seconds"] = 301
+    cfg["routes"][1]["name"] = "track-events"
+    with pytest.raises(ConfigError) as refused:
+        load_and_compile(write(tmp_path, cfg, key_a), ManualClock(NOW))
+    assert_problems(
+        [str(p) for p in refused.value.problems],
+        r"listn: .*",
+        r"projects\.app\.leeway_seconds: .*300.* \(got 301\)",
+        r"projects\.p1\.keys\[0\]\.pem: RSA key is 1024 bits; at least 2048 required",
+        r"routes\[0\]\.name: 'track-events' names two routes",
+        r"routes\[1\]\.name: 'track-events' names two routes",
+    )
+
+
+def test_a_refused_required_key_still_reports_the_schema_problems(
+    tmp_path: Path, key_a: KeyPair
+) -> None:
+    cfg = config()
+    cfg["routes"][0]["path"] = 42
+    with pytest.raises(ConfigError) as refused:
+        load_and_compile(write(tmp_path, cfg, key_a), ManualClock(NOW))
+    assert_problems([str(p) for p in refused.value.problems], r"routes\[0\]\.path: .*")
 
 
 # --- keys --------------------------------------------------------------------------------------
