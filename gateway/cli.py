@@ -248,8 +248,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sample_upstream(args: argparse.Namespace) -> int:
     from gateway.sample_upstream import run_sample_upstream
 
-    host, _, port = args.listen.rpartition(":")
-    run_sample_upstream(host, int(port))
+    run_sample_upstream(args.listen)
     return 0
 
 
@@ -326,8 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.sockets import StartupError
+
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except StartupError as exc:  # one line naming what failed, never a traceback
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.clock import SystemClock
 from gateway.sample_upstream import make_sample_upstream
 from gateway.server import GatewayServer, load_config
+from gateway.sockets import bind
 
 PROJECT = "demo"
 KID = "demo-1"
@@ -82,7 +83,7 @@ async def run_demo(listen: str, admin: str, upstream_port: int) -> None:
         )
         upstream = web.AppRunner(make_sample_upstream(echo=True), access_log=None)
         await upstream.setup()
-        await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+        await web.SockSite(upstream, bind(f"127.0.0.1:{upstream_port}")).start()
         config_path = _demo_config(directory, listen, admin, upstream_port)
         server = GatewayServer(load_config(config_path, SystemClock()))
         await server.start()

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 from aiohttp import web
 
+from gateway.sockets import bind
+
 
 @dataclass(frozen=True, slots=True)
 class Received:
@@ -56,6 +58,7 @@ def make_sample_upstream(*, keep: int = 1000, echo: bool = False) -> web.Applica
     return app
 
 
-def run_sample_upstream(host: str, port: int) -> None:
-    print(json.dumps({"sample_upstream": f"http://{host}:{port}"}))
-    web.run_app(make_sample_upstream(echo=True), host=host, port=port, print=None)
+def run_sample_upstream(listen: str) -> None:
+    sock = bind(listen)  # a busy port is a one-line error, not a traceback
+    print(json.dumps({"sample_upstream": f"http://{listen}"}), flush=True)
+    web.run_app(make_sample_upstream(echo=True), sock=sock, print=None)

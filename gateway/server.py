@@ -26,6 +26,7 @@ from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.outbox import Outbox
 from gateway.proxy import Upstream
 from gateway.server_protocol import HttpServer
+from gateway.sockets import bind
 from gateway.tasks import spawn
 from gateway.verify import TokenCache
 
@@ -44,20 +45,6 @@ def _setting(settings: Settings, dotted: str) -> object:
 
 def load_config(path: Path, clock: Clock, cache: TokenCache | None = None) -> CompiledConfig:
     return load_and_compile(path, clock, cache)
-
-
-def bind(address: str, *, reuse_port: bool) -> socket.socket:
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, int(port)))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 def make_counter(config: CompiledConfig, clock: Clock, metrics: Metrics) -> FailureCounter:
@@ -147,9 +134,9 @@ class GatewayServer:
     async def start(self) -> None:
         settings = self.config.settings
         if self._public_socket is None:
-            self._public_socket = bind(settings.listen, reuse_port=True)
+            self._public_socket = bind(settings.listen)
         if self._admin_socket is None:
-            self._admin_socket = bind(settings.admin_listen, reuse_port=False)
+            self._admin_socket = bind(settings.admin_listen)
         self.gateway.access_log.start()
         self._flusher = spawn(self._flush_metrics())
         self._public = HttpServer(self.gateway, asyncio.get_running_loop(), self.outbox)

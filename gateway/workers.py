@@ -1,6 +1,8 @@
-"""`workers: N`: N serving processes on one port (SO_REUSEPORT) under one supervising parent.
+"""`workers: N`: N serving processes sharing one listening socket under one supervising parent.
 
-The parent validates the config once, owns the admin listener (metrics of every worker summed
+The parent binds the public socket once (exclusively: a second gateway on the same address
+fails to start) and every worker inherits it. The parent validates the config once, owns the
+admin listener (metrics of every worker summed
 through prometheus-client's multiprocess files, readiness of every worker, reload), forwards
 signals, and replaces a worker that dies. Each worker is an ordinary single-process gateway
 whose admin listener is on an ephemeral loopback port only the parent uses.
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -32,7 +35,8 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from gateway.clock import SystemClock
 from gateway.compiled import CompiledConfig
 from gateway.config import ConfigError
-from gateway.server import GatewayServer, bind, load_config
+from gateway.server import GatewayServer, load_config
+from gateway.sockets import LISTEN_FD_ENV, bind, inherited_listener
 from gateway.tasks import spawn
 
 log = logging.getLogger("gateway.workers")
@@ -63,6 +67,7 @@ class Supervisor:
     count: int
     runtime: Path
     config: CompiledConfig
+    listener: socket.socket
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
     reloads: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
@@ -74,7 +79,8 @@ class Supervisor:
     async def start_worker(self, worker: Worker) -> None:
         with contextlib.suppress(FileNotFoundError):
             worker.port_file.unlink()
-        env = {**os.environ, METRICS_DIR_ENV: str(self.metrics_dir)}
+        fd = self.listener.fileno()
+        env = {**os.environ, METRICS_DIR_ENV: str(self.metrics_dir), LISTEN_FD_ENV: str(fd)}
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -85,6 +91,7 @@ class Supervisor:
             "--admin-port-file",
             str(worker.port_file),
             env=env,
+            pass_fds=(fd,),
         )
         worker.started = time.monotonic()
         log.info(
@@ -216,7 +223,9 @@ async def supervise(path: Path, count: int) -> int:
     runtime = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
     try:
         config = load_config(path, SystemClock())
-        supervisor = Supervisor(path, count, runtime, config)
+        # Both addresses are taken before any worker starts: a busy one stops everything.
+        supervisor = Supervisor(path, count, runtime, config, bind(config.settings.listen))
+        admin_socket = bind(config.settings.admin_listen)
         supervisor.metrics_dir.mkdir()
         supervisor.workers = [Worker(i, runtime / f"worker-{i}.port") for i in range(count)]
         for worker in supervisor.workers:
@@ -236,7 +245,7 @@ async def supervise(path: Path, count: int) -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             admin = web.AppRunner(_admin_app(supervisor, session), access_log=None)
             await admin.setup()
-            await web.SockSite(admin, bind(config.settings.admin_listen, reuse_port=False)).start()
+            await web.SockSite(admin, admin_socket).start()
             log.info(
                 "supervising",
                 extra={"fields": {"workers": count, "listen": config.settings.listen}},
@@ -273,7 +282,9 @@ async def serve_worker(path: Path, admin_port_file: Path) -> None:
     _exit_with_parent()
     config = load_config(path, SystemClock())
     logging.getLogger().setLevel(config.settings.log_level.upper())
-    server = GatewayServer(config, admin_socket=bind("127.0.0.1:0", reuse_port=False))
+    server = GatewayServer(
+        config, public_socket=inherited_listener(), admin_socket=bind("127.0.0.1:0")
+    )
     await server.start()
     await asyncio.to_thread(admin_port_file.write_text, str(server.admin_port))
     server.install_signal_handlers()
