@@ -60,7 +60,6 @@ _NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110's `token`
 _QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
 _PARAMETER = re.compile(rf"({_NAME})=({_NAME}|{_QUOTED})")
 _MEDIA_TYPE = re.compile(rf"({_NAME})/({_NAME})((?:[ \t]*;[ \t]*(?:{_PARAMETER.pattern})?)*)")
-_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 _UTF8 = ("utf-8", "utf8")
 _accepted_media_types: BoundedMemo[str, bool] = BoundedMemo(256)
 
@@ -81,8 +80,10 @@ def _check_media_type(value: str) -> None:
     if parsed is None:
         raise Rejected(Reason.MEDIA_TYPE_INVALID)
     media_type = f"{parsed[1]}/{parsed[2]}".lower()
-    if media_type.startswith(_FORM_TYPES):
-        raise Rejected(Reason.MEDIA_TYPE_UNSUPPORTED)
+    if media_type == "application/x-www-form-urlencoded":
+        raise Rejected(Reason.MEDIA_TYPE_FORM)
+    if media_type.startswith("multipart/"):
+        raise Rejected(Reason.MEDIA_TYPE_MULTIPART)
     names: set[str] = set()
     for name, raw in _PARAMETER.findall(parsed[3]):
         folded = name.lower()

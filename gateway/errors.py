@@ -35,7 +35,7 @@ def _standard_prefix(reason: Reason, cause: Code | None) -> str:
     error: dict[str, str] = {"code": code.name, "reason": reason.phrase}
     if cause:
         error["cause"] = cause.name
-    error["message"] = code.value.message
+    error["message"] = code.value.message if cause else reason.message
     head = _dumps({"token_expired": token_expired, "error": error})
     return head[:-2] + ',"request_id":"'
 
@@ -45,7 +45,7 @@ def _bloomreach_prefix(reason: Reason, cause: Code | None) -> str:
     body: dict[str, object] = {
         "token_expired": reason.code is Code.TOKEN_EXPIRED,
         "success": False,
-        "error": code.value.message,
+        "error": code.value.message if cause else reason.message,
         "code": code.name,
         "reason": reason.phrase,
     }

@@ -64,10 +64,11 @@ class Code(Enum):
 class ReasonSpec:
     code: Code
     phrase: str
+    message: str | None = None  # in place of the code's message, when the reason says more
 
 
-def _r(code: Code, phrase: str) -> ReasonSpec:
-    return ReasonSpec(code, phrase)
+def _r(code: Code, phrase: str, message: str | None = None) -> ReasonSpec:
+    return ReasonSpec(code, phrase, message)
 
 
 class Reason(Enum):
@@ -84,11 +85,32 @@ class Reason(Enum):
     BODY_TIMEOUT = _r(Code.BAD_REQUEST, "body_timeout")
     BODY_NOT_ALLOWED = _r(Code.BAD_REQUEST, "body_not_allowed")
     DECOMPRESSED_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "decompressed_too_large")
-    ENCODING_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "encoding_unsupported")
+    ENCODING_UNSUPPORTED = _r(
+        Code.UNSUPPORTED_MEDIA_TYPE,
+        "encoding_unsupported",
+        "Content-Encoding other than one of gzip, deflate or identity; this route reads JSON.",
+    )
     ENCODING_INVALID = _r(Code.BAD_REQUEST, "encoding_invalid")
-    MEDIA_TYPE_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "media_type_unsupported")
-    MEDIA_TYPE_INVALID = _r(Code.UNSUPPORTED_MEDIA_TYPE, "media_type_invalid")
-    CHARSET_UNSUPPORTED = _r(Code.UNSUPPORTED_MEDIA_TYPE, "charset_unsupported")
+    MEDIA_TYPE_FORM = _r(
+        Code.UNSUPPORTED_MEDIA_TYPE,
+        "media_type_unsupported",
+        "Media type application/x-www-form-urlencoded; this route reads JSON.",
+    )
+    MEDIA_TYPE_MULTIPART = _r(
+        Code.UNSUPPORTED_MEDIA_TYPE,
+        "media_type_unsupported",
+        "Media type multipart/*; this route reads JSON.",
+    )
+    MEDIA_TYPE_INVALID = _r(
+        Code.UNSUPPORTED_MEDIA_TYPE,
+        "media_type_invalid",
+        "Content-Type is not one media type as RFC 9110 writes it; this route reads JSON.",
+    )
+    CHARSET_UNSUPPORTED = _r(
+        Code.UNSUPPORTED_MEDIA_TYPE,
+        "charset_unsupported",
+        "A charset other than UTF-8; this route reads UTF-8 JSON.",
+    )
     # api key
     API_KEY_MISSING = _r(Code.API_KEY_NOT_PROVIDED, "api_key_missing")
     API_KEY_INVALID = _r(Code.API_KEY_REJECTED, "api_key_invalid")
@@ -154,6 +176,10 @@ class Reason(Enum):
     @property
     def phrase(self) -> str:
         return self.value.phrase
+
+    @property
+    def message(self) -> str:
+        return self.value.message or self.value.code.value.message
 
 
 class Rejected(Exception):  # a verdict on the request, not an error of the gateway

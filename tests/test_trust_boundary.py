@@ -200,6 +200,21 @@ async def test_a_media_type_outside_the_grammar_or_a_form_is_415(
     assert upstream.received == []
 
 
+async def test_a_415_says_what_it_received_and_what_the_route_reads(
+    http: aiohttp.ClientSession, gateway: RunningGateway, tokens: Tokens
+) -> None:
+    form = "application/x-www-form-urlencoded; charset=utf-8"
+    answer = await post(http, gateway, b"registered=bob", content_type=form)
+    assert answer.status == 415
+    assert answer.json()["error"]["message"] == (
+        "Media type application/x-www-form-urlencoded; this route reads JSON."
+    )
+    answer = await post(http, gateway, b"{}", content_type="text/plain; charset=latin1")
+    assert answer.json()["error"]["message"] == (
+        "A charset other than UTF-8; this route reads UTF-8 JSON."
+    )
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
