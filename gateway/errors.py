@@ -54,7 +54,8 @@ def _bloomreach_prefix(reason: Reason, cause: Code | None) -> str:
     return _dumps(body)[:-1] + ',"request_id":"'
 
 
-_SUFFIX = {ErrorFormat.STANDARD: '"}}', ErrorFormat.BLOOMREACH: '"}'}
+# A newline ends each body, so a terminal shows curl's prompt on a line of its own.
+_SUFFIX = {ErrorFormat.STANDARD: '"}}\n', ErrorFormat.BLOOMREACH: '"}\n'}
 _PREFIX_BUILDERS = {
     ErrorFormat.STANDARD: _standard_prefix,
     ErrorFormat.BLOOMREACH: _bloomreach_prefix,

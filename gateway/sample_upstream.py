@@ -39,11 +39,16 @@ async def _track(request: web.Request) -> web.Response:
         user = request.headers.get("X-Authenticated-User")
         print(f"sample upstream: {request.method} {request.path} auth={auth} user={user}")
         sys.stdout.flush()
-    return web.json_response({"success": True})
+    return web.json_response({"success": True}, dumps=_dumps_line)
+
+
+def _dumps_line(value: object) -> str:
+    """JSON ending in a newline, so a terminal shows curl's prompt on a line of its own."""
+    return json.dumps(value) + "\n"
 
 
 async def _recorded(request: web.Request) -> web.Response:
-    return web.json_response([asdict(r) for r in request.app[RECORDS_KEY]])
+    return web.json_response([asdict(r) for r in request.app[RECORDS_KEY]], dumps=_dumps_line)
 
 
 ECHO_KEY: web.AppKey[bool] = web.AppKey("echo", bool)

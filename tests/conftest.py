@@ -435,7 +435,7 @@ async def slow_upstream() -> AsyncIterator[SlowUpstream]:
         if request.headers.get("X-Hold") == "1":
             arrived.set()
             await release.wait()
-        return web.json_response({"success": True})
+        return web.Response(body=b'{"success": true}\n', content_type="application/json")
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)

@@ -40,7 +40,7 @@ UNKNOWN = "/nowhere"
 ANONYMOUS = b'{"customer_ids": {"cookie": "c-1"}}'
 IDENTIFIED = b'{"customer_ids": {"registered": "alice"}}'
 JSON = ("Content-Type", "application/json")
-SAMPLE_ANSWER = b'{"success": true}'  # what the recording upstream answers to everything
+SAMPLE_ANSWER = b'{"success": true}\n'  # what the recording upstream answers to everything
 
 
 # --- raw HTTP ----------------------------------------------------------------------------------
