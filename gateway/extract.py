@@ -108,6 +108,7 @@ def query_name_key(name: str) -> str:
     return name.casefold().replace(" ", "_").replace(".", "_")
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 # A bracket makes a name structured for PHP and for Node's `qs` (Express): `user_id[]=bob` is
 # the array ["bob"] under `user_id` there, so it is a second value of `user_id`, never another
 # parameter.
@@ -132,6 +133,8 @@ def parse_query(raw_query: str | None) -> dict[str, list[str]]:
             value = unquote_plus(value, errors="strict")
         except UnicodeDecodeError:
             raise Rejected(Reason.QUERY_INVALID) from None
+        if _CONTROL.search(name):
+            raise Rejected(Reason.QUERY_INVALID)  # C readers end a name at its NUL
         base, bracket, _ = name.partition("[")
         params.setdefault(query_name_key(base), []).append(STRUCTURED if bracket else value)
     return params

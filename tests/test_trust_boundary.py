@@ -352,6 +352,7 @@ async def identify_by_query(
         pytest.param("user_id=alice&user%5Fid=bob", "query_duplicate", id="percent_encoded"),
         pytest.param("user_id%5B%5D=bob", "query_invalid", id="qs_array"),
         pytest.param("user_id%5B0%5D=bob&user_id=alice", "query_invalid", id="qs_index"),
+        pytest.param("user_id=alice&user_id%00=bob", "query_invalid", id="nul_in_name"),
     ],
 )
 async def test_query_names_an_upstream_merges_are_one_parameter(
