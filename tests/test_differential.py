@@ -73,6 +73,7 @@ class Run:
     """One stack's run of the corpus: the gateway's verdicts and the stack's records."""
 
     verdicts: dict[str, Verdict]
+    seconds: float
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # by case id
 
 
@@ -108,6 +109,7 @@ async def run_stack(
     cases: dict[str, Case],
     token: str,
 ) -> Run:
+    started_at = asyncio.get_running_loop().time()
     shared = await start_gateway()
     gateways: dict[str, RunningGateway] = {}
     statuses: dict[str, int | None] = {}
@@ -127,7 +129,7 @@ async def run_stack(
     for rid, status in statuses.items():
         logged = next((line for line in gateways[rid].log_lines if line["request_id"] == rid), {})
         verdicts[rid] = Verdict(status, logged.get("decision"), logged.get("reason"))
-    run = Run(verdicts)
+    run = Run(verdicts, asyncio.get_running_loop().time() - started_at)
     for record in await stack.records():
         rid = str(record.get("request_id"))
         run.records.setdefault(rid.split("-", 1)[0], []).append(record)
@@ -241,10 +243,13 @@ def report(corpus: Corpus, stack: str, problems: dict[str, list[str]]) -> str:
 def summary(corpus: Corpus) -> str:
     run = next(run for run in corpus.runs.values() if isinstance(run, Run))
     forwarded = sum(verdict.decision in FORWARDED for verdict in run.verdicts.values())
+    seconds = ", ".join(
+        f"{name} {run.seconds:.1f} s" for name, run in corpus.runs.items() if isinstance(run, Run)
+    )
     return (
         f"{len(corpus.cases)} requests per stack, {forwarded} forwarded and "
-        f"{len(corpus.cases) - forwarded} refused by the gateway, "
-        f"{corpus.seconds:.1f} s for all stacks"
+        f"{len(corpus.cases) - forwarded} refused by the gateway; "
+        f"{corpus.seconds:.1f} s in all ({seconds})"
     )
 
 

@@ -583,7 +583,10 @@ def _folds_to_ascii(letter: str) -> list[str]:
 
 
 def deep_key_variants(key: str) -> dict[str, str]:
-    variants = key_variants(key)
+    """More keys some parser may read as `key`: every letter in upper case and as every
+    character whose case mapping or folding gives it, every control, space or format
+    character before, inside or after it (those the default run has are left out)."""
+    variants: dict[str, str] = {}
     for index, letter in enumerate(key):
         if letter.isalpha():
             variants[f"{letter!r} at {index} upper"] = lit(
@@ -598,7 +601,8 @@ def deep_key_variants(key: str) -> dict[str, str]:
         variants[f"{name} after"] = lit(key + char)
         variants[f"{name} before"] = lit(char + key)
         variants[f"{name} inside"] = lit(key[:2] + char + key[2:])
-    return variants
+    default = set(key_variants(key).values())
+    return {label: text for label, text in variants.items() if text not in default}
 
 
 def deep_cases() -> list[Case]:

@@ -24,6 +24,7 @@ RECORDS = Records()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
