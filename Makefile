@@ -2,62 +2,80 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime-installed
+DEV := $(VENV)/.dev-installed
+NODE_MODULES := tests/differential/node_modules/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: run test lint typecheck format check-config bench fuzz-deep soak clean
+.PHONY: install run test deps lint typecheck format check-config bench fuzz-deep soak clean
 
-$(STAMP): pyproject.toml
+# The gateway alone, for `make run`.
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+# Plus the test and lint tools.
+$(DEV): $(RUNTIME) pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(DEV)
 
-install: $(STAMP)
+# The Node packages of the differential test's Node upstream (tests/differential/).
+$(NODE_MODULES): tests/differential/package.json tests/differential/package-lock.json | deps
+	cd tests/differential && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_MODULES)
 
-config/keys/demo.public.pem: | $(STAMP)
+# System packages the tests start or build against: installed when missing, or one line
+# naming the command to run.
+deps:
+	@tests/setup/system-packages.sh
+
+install: $(DEV)
+
+config/keys/demo.public.pem: | $(RUNTIME)
 	$(BIN)/gateway keygen --out-dir config/keys --name demo
 
 # The sample tracking API runs beside the gateway and stops with it.
-run: $(STAMP) config/keys/demo.public.pem
+run: $(RUNTIME) config/keys/demo.public.pem
 	@$(BIN)/gateway sample-upstream --listen 127.0.0.1:8000 & upstream=$$!; \
 	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/gateway run -c $(CONFIG)
 
-test: $(STAMP)
+test: deps $(DEV) $(NODE_MODULES)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy --strict gateway tests
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
 
-typecheck: $(STAMP)
+typecheck: $(DEV)
 	$(BIN)/mypy --strict gateway tests
 
-format: $(STAMP)
+format: $(DEV)
 	$(BIN)/ruff format gateway tests
 	$(BIN)/ruff check --fix gateway tests
 
 # Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode.
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
-bench: $(STAMP)
+bench: $(DEV)
 	$(BIN)/python -m tests.bench.run
 
 # Minutes of steady mixed, hostile load on a real `gateway run`: memory, descriptors, accounting.
 # SOAK_SECONDS (120 per backend), SOAK_RPS (300), SOAK_BACKENDS (memory,redis).
-soak: $(STAMP)
+soak: $(DEV)
 	$(BIN)/python -m tests.soak.run
 
 # The hypothesis properties with thousands of examples each (a few minutes); `make test` runs
 # the fast profile.
-fuzz-deep: $(STAMP)
+fuzz-deep: $(DEV)
 	GATEWAY_FUZZ=deep $(BIN)/pytest tests/test_fuzz.py -p no:cacheprovider
 
-check-config: $(STAMP) config/keys/demo.public.pem
+check-config: $(RUNTIME) config/keys/demo.public.pem
 	$(BIN)/gateway check-config -c $(CONFIG)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf $(VENV) tests/differential/node_modules tests/differential/.cache .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
