@@ -1,8 +1,10 @@
 """Request targets: strict path validation, then first-match routing on compiled templates.
 
 The path is accepted only in a form with one reading (RFC 3986 unreserved characters and `/`,
-no empty, `.` or `..` segment), so the path matched is byte for byte the path forwarded and no
-upstream can normalise it into another route.
+no empty, `.` or `..` segment, though it may end in `/`), so the path matched is byte for byte
+the path forwarded and no upstream can normalise it into another route. `/batch` and `/batch/`
+are different paths to many upstreams (PostHog takes `/batch/`), so a route matches a path that
+ends in `/` only when its own template does, and never the other way round.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Generic, TypeVar
 from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
 
-_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+")
+_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+/?")
 _QUERY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
 _SEGMENT_CHARS = "[A-Za-z0-9._~-]+"
 
@@ -51,6 +53,7 @@ def compile_template(template: str) -> re.Pattern[str]:
     if not template.startswith("/"):
         raise TemplateError("must start with /")
     out: list[str] = []
+    literal = ""  # the template with each placeholder as `{}`, for the segment checks
     names: set[str] = set()
     i = 0
     while i < len(template):
@@ -61,6 +64,7 @@ def compile_template(template: str) -> re.Pattern[str]:
             if not (char == "/" or re.fullmatch(_SEGMENT_CHARS, char)):
                 raise TemplateError(f"character {char!r} can never match a valid path")
             out.append(re.escape(char))
+            literal += char
             i += 1
             continue
         depth, j = 1, i + 1
@@ -76,9 +80,17 @@ def compile_template(template: str) -> re.Pattern[str]:
             raise TemplateError(f"placeholder {name!r} appears twice")
         names.add(name)
         out.append(f"(?P<{name}>{pattern or _SEGMENT_CHARS})")
+        literal += "{}"
         i = j
-    if "//" in template:
+    # The segments parse_target refuses, so a route with one could never match any request.
+    segments = literal.removesuffix("/").split("/")[1:] if literal != "/" else []
+    if "" in segments:
         raise TemplateError("has an empty segment")
+    if "." in segments or ".." in segments:
+        raise TemplateError("has a . or .. segment")
+    if not template.endswith("/"):
+        # A placeholder's own regex (`{rest:.*}`) could otherwise reach a trailing `/`.
+        out.append("(?<!/)")
     try:
         return re.compile("".join(out))
     except re.error as exc:

@@ -1177,9 +1177,12 @@ def example_routes(name: str) -> list[ExampleRoute]:
     for route in config["routes"]:
         template = route["path"]
         found = re.search(r"\{project(?::([^}]*))?\}", template)
-        assert found is not None
-        project = found.group(1).split("|")[0] if found.group(1) else next(iter(config["projects"]))
-        path = template.replace(found.group(0), project)
+        if found is None:  # a fixed `project: {id: ...}`
+            project, path = route["project"]["id"], template
+        else:
+            listed = found.group(1)
+            project = listed.split("|")[0] if listed else next(iter(config["projects"]))
+            path = template.replace(found.group(0), project)
         assert "{" not in path
         settings = config["projects"][project]
         sources = route.get("identity", config.get("identity", []))
@@ -1249,6 +1252,15 @@ TRICKS = [
 CANONICAL = re.compile(r"(/[A-Za-z0-9._~-]+)+")
 
 
+EXAMPLE_NAMES = [
+    "moengage.yaml",
+    "bloomreach.yaml",
+    "braze.yaml",
+    "segment.yaml",
+    "amplitude.yaml",
+]
+
+
 async def serve_examples(
     serve_example: ExampleFactory, name: str, key_a: KeyPair, key_b: KeyPair
 ) -> RunningGateway:
@@ -1262,12 +1274,14 @@ async def serve_examples(
             "keys/braze-rsa.public.pem": key_a.public_pem,
             "keys/braze-ec.public.pem": public_pem(ec_private()),
         },
+        "segment.yaml": {"keys/segment-rsa.public.pem": key_a.public_pem},
+        "amplitude.yaml": {"keys/amplitude-ec.public.pem": public_pem(ec_private())},
     }[name]
     return await serve_example(name, key_files, EXAMPLE_ENV)
 
 
 @pytest.mark.parametrize("trick", TRICKS)
-@pytest.mark.parametrize("example", ["moengage.yaml", "bloomreach.yaml", "braze.yaml"])
+@pytest.mark.parametrize("example", EXAMPLE_NAMES)
 async def test_path_tricks_against_every_example_route(
     serve_example: ExampleFactory,
     upstream: Upstream,
@@ -1313,7 +1327,7 @@ async def test_path_tricks_against_every_example_route(
 def test_path_tricks_cover_every_route_of_every_example() -> None:
     names = {
         name: {r["name"] for r in yaml.safe_load((EXAMPLES / name).read_text())["routes"]}
-        for name in ("moengage.yaml", "bloomreach.yaml", "braze.yaml")
+        for name in EXAMPLE_NAMES
     }
     for name, expected in names.items():
         assert expected

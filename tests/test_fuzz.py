@@ -47,7 +47,7 @@ from gateway.extract import (
 )
 from gateway.jsonstrict import JSONRejected, loads_strict
 from gateway.reasons import Rejected
-from gateway.routes import parse_target
+from gateway.routes import RouteEntry, Router, compile_template, parse_target
 from gateway.subject import IdMapSubject, ScalarSubject
 from gateway.verify import TokenVerifier, VerifiedToken
 from tests.conftest import (
@@ -540,21 +540,26 @@ targets = st.one_of(
     st.tuples(st.lists(st.sampled_from(PATH_PIECES), max_size=6), st.text(max_size=8)).map(
         lambda t: "/" + "/".join(t[0]) + "?" + t[1]
     ),
+    st.lists(st.sampled_from(PATH_PIECES), max_size=6).map(lambda s: "/" + "/".join(s) + "/"),
 )
 
 
 @pytest.fixture(scope="module")
 def compiled_base(tmp_path_factory: pytest.TempPathFactory, key_a: KeyPair) -> CompiledConfig:
-    """The shared test config (tests/conftest.py), compiled for its router and verifier."""
+    """The shared test config (tests/conftest.py), compiled for its router and verifier, with
+    a route whose template ends in `/` beside one whose template does not."""
     where = tmp_path_factory.mktemp("fuzz-base")
     (where / "keys").mkdir()
     (where / "keys" / "a.pem").write_text(key_a.public_pem)
     raw = base_config("http://127.0.0.1:9")
+    slash = {**raw["routes"][1], "name": "track-batch-slash"}
+    raw["routes"].append({**slash, "path": slash["path"] + "/"})
     return compile_config(parse_settings(raw, where / "gateway.yaml", {}), ManualClock(NOW))
 
 
 def is_normal(path: str) -> bool:
-    segments = path.split("/")[1:]
+    """No empty, `.` or `..` segment, though the path may end in `/` (PostHog's `/batch/`)."""
+    segments = path.removesuffix("/").split("/")[1:]
     return path == "/" or (path.startswith("/") and all(s not in ("", ".", "..") for s in segments))
 
 
@@ -573,8 +578,9 @@ def test_accepted_targets_have_one_reading(raw: str, compiled_base: CompiledConf
     assert "\\" not in path
     assert ";" not in path
     assert all(c in UNRESERVED + "/" for c in path)
-    # Every usual reader sees the same path: no decoding, no normalisation left to do.
-    assert posixpath.normpath(path) == path
+    # Every usual reader sees the same path: no decoding, no normalisation left to do (but
+    # normpath's dropping a trailing `/`, which upstreams read as part of the path).
+    assert posixpath.normpath(path) == (path.removesuffix("/") or "/")
     assert unquote(path) == path
     assert urlsplit(path).path == path
     assert URL(path).path == path
@@ -589,6 +595,8 @@ def test_accepted_targets_have_one_reading(raw: str, compiled_base: CompiledConf
     assert found is not None
     assert found.groupdict() == params
     assert all(value and "/" not in value for value in params.values())
+    template = next(r.path for r in compiled_base.settings.routes if r.name == route.name)
+    assert path.endswith("/") == template.endswith("/")
 
 
 @FUZZ
@@ -598,12 +606,50 @@ def test_accepted_targets_have_one_reading(raw: str, compiled_base: CompiledConf
         max_size=8,
     ),
     query=st.none() | st.text(alphabet=UNRESERVED + "=&%+", max_size=10),
+    trailing_slash=st.booleans(),
 )
-def test_canonical_targets_are_accepted_unchanged(segments: list[str], query: str | None) -> None:
-    path = "/" + "/".join(segments)
+def test_canonical_targets_are_accepted_unchanged(
+    segments: list[str], query: str | None, trailing_slash: bool
+) -> None:
+    path = "/" + "/".join(segments) + ("/" if trailing_slash and segments else "")
     raw = path if query is None else f"{path}?{query}"
     target = parse_target(raw)
     assert (target.path, target.query) == (path, query)
+
+
+TEMPLATES = [
+    "/",
+    "/{x}",
+    "/{x}/",
+    "/track/{rest:.*}",
+    "/track/{rest:.*}/",
+    "/track/{rest:[a-z/]+}",
+    "/track/v2/",
+    "/track/v2",
+]
+
+
+@FUZZ
+@given(
+    template=st.sampled_from(TEMPLATES),
+    segments=st.lists(st.sampled_from(["track", "v2", "a", "b"]), max_size=4),
+    trailing_slash=st.booleans(),
+)
+def test_a_route_matches_a_trailing_slash_only_when_its_template_ends_in_one(
+    template: str, segments: list[str], trailing_slash: bool
+) -> None:
+    """Whatever a placeholder's own regex could reach: `/batch/` and `/batch` never meet."""
+    path = "/" + "/".join(segments) + ("/" if trailing_slash and segments else "")
+    assert parse_target(path).path == path
+    router = Router([RouteEntry(compile_template(template), frozenset({"POST"}), template)])
+    try:
+        route, _ = router.match("POST", path)
+    except Rejected:
+        event("no match")
+        return
+    event("match")
+    assert route == template
+    assert path.endswith("/") == template.endswith("/")
 
 
 # --- token verification ---------------------------------------------------------------------------

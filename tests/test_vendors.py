@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac as hmac_module
 import json
 import os
@@ -362,6 +363,134 @@ async def test_braze_example_in_monitor(
     assert upstream.last_headers()["x-auth-status"] == "unverified"
 
 
+# --- Segment / RudderStack ----------------------------------------------------------------------
+
+WRITE_KEY = "Basic " + base64.b64encode(b"segment-write-key:").decode()
+
+
+@pytest.fixture
+async def segment(serve_example: ExampleFactory, key_a: KeyPair) -> RunningGateway:
+    return await serve_example(
+        "segment.yaml", {"keys/segment-rsa.public.pem": key_a.public_pem}, {}
+    )
+
+
+def segment_token(key: KeyPair, user: str, now: float) -> str:
+    """What the customer's backend signs for Segment's SDK: `sub` is the userId itself."""
+    claims = {"sub": user, "exp": int(now + 600)}
+    return jwt.encode(claims, key.private_pem, algorithm="RS256", headers={"kid": "rsa-2026"})
+
+
+async def segment_post(
+    http: aiohttp.ClientSession, gateway: RunningGateway, path: str, body: Any, token: str | None
+) -> tuple[int, dict[str, Any]]:
+    """As the SDK sends it: the write key as `Authorization: Basic`, the token as `Bearer`."""
+    headers = [("Content-Type", "application/json"), ("Authorization", WRITE_KEY)]
+    if token is not None:
+        headers.append(("Authorization", f"Bearer {token}"))
+    async with http.post(gateway.url + path, data=json.dumps(body), headers=headers) as reply:
+        return reply.status, await reply.json()
+
+
+async def test_segment_verified_user_on_every_route(
+    http: aiohttp.ClientSession, segment: RunningGateway, upstream: Upstream, key_a: KeyPair
+) -> None:
+    token = segment_token(key_a, "alice", segment.clock.now())
+    event = {"userId": "alice", "anonymousId": "anon-1", "type": "track", "event": "Signed Up"}
+    bodies = {
+        "/v1/track": event,
+        "/v1/identify": {**event, "type": "identify", "traits": {"plan": "pro"}},
+        "/v1/batch": {"batch": [event, {"anonymousId": "anon-1", "type": "page"}, event]},
+    }
+    for path, body in bodies.items():
+        status, answer = await segment_post(http, segment, path, body, token)
+        assert (status, answer) == (200, {"success": True}), path
+        forwarded = upstream.received[-1].headers
+        assert ("X-Auth-Status", "verified") in forwarded
+        assert ("X-Authenticated-User", "alice") in forwarded
+        # The write key reaches the tracking API; the token does not.
+        assert [v for k, v in forwarded if k.lower() == "authorization"] == [WRITE_KEY]
+    assert [r.path_qs for r in upstream.received] == list(bodies)
+
+
+async def test_segment_anonymous_events_need_no_token(
+    http: aiohttp.ClientSession, segment: RunningGateway, upstream: Upstream
+) -> None:
+    page = {"anonymousId": "anon-1", "type": "page", "name": "Home"}
+    for path, body in (("/v1/track", page), ("/v1/batch", {"batch": [page, page]})):
+        status, _ = await segment_post(http, segment, path, body, None)
+        assert status == 200, path
+        assert upstream.last_headers()["x-auth-status"] == "anonymous"
+
+
+async def test_segment_null_user_id_is_anonymous(
+    http: aiohttp.ClientSession, segment: RunningGateway, upstream: Upstream
+) -> None:
+    """analytics.js sends `"userId": null` until the user is identified."""
+    page = {"userId": None, "anonymousId": "anon-1", "type": "page", "name": "Home"}
+    for path, body in (("/v1/track", page), ("/v1/batch", {"batch": [page, page]})):
+        status, answer = await segment_post(http, segment, path, body, None)
+        assert (status, answer) == (200, {"success": True}), path
+        assert upstream.last_headers()["x-auth-status"] == "anonymous"
+
+
+async def test_segment_refuses_another_users_events(
+    http: aiohttp.ClientSession, segment: RunningGateway, upstream: Upstream, key_a: KeyPair
+) -> None:
+    token = segment_token(key_a, "alice", segment.clock.now())
+    mallory = {"userId": "mallory", "anonymousId": "anon-1", "type": "identify"}
+    status, answer = await segment_post(http, segment, "/v1/identify", mallory, token)
+    assert (status, answer["error"]["reason"]) == (401, "subject_mismatch")
+    alice = {**mallory, "userId": "alice"}
+    batch = {"batch": [alice, mallory]}
+    status, answer = await segment_post(http, segment, "/v1/batch", batch, token)
+    assert (status, answer["error"]["reason"]) == (400, "identity_conflict")
+    status, answer = await segment_post(http, segment, "/v1/track", alice, None)
+    assert (status, answer["error"]["code"]) == (401, "TOKEN_NOT_PROVIDED")
+    assert upstream.received == []
+
+
+# --- Amplitude ---------------------------------------------------------------------------------
+
+
+async def test_amplitude_example(
+    http: aiohttp.ClientSession, serve_example: ExampleFactory, upstream: Upstream
+) -> None:
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    gateway = await serve_example(
+        "amplitude.yaml", {"keys/amplitude-ec.public.pem": public_pem(ec_key)}, {}
+    )
+    now = int(gateway.clock.now())
+    token = jwt.encode(
+        {"sub": "alice", "exp": now + 600}, ec_key, algorithm="ES256", headers={"kid": "ec-2026"}
+    )
+    bearer = {"Authorization": f"Bearer {token}"}
+    path = "/2/httpapi"
+
+    def upload(*events: dict[str, Any]) -> dict[str, Any]:
+        return {"api_key": "amplitude-project-key", "events": list(events)}
+
+    alice = {"user_id": "alice", "device_id": "d-1", "event_type": "purchase"}
+    anonymous = {"device_id": "d-1", "event_type": "app_open"}
+    status, _, _ = await call(http, gateway, path, upload(alice, anonymous, alice), bearer)
+    assert status == 200
+    assert upstream.last_headers()["x-auth-status"] == "verified"
+    assert upstream.last_headers()["x-authenticated-user"] == "alice"
+    assert "authorization" not in upstream.last_headers()
+
+    status, _, _ = await call(http, gateway, path, upload(anonymous, anonymous))
+    assert status == 200
+    assert upstream.last_headers()["x-auth-status"] == "anonymous"
+
+    forwarded = len(upstream.received)
+    mallory = {**alice, "user_id": "mallory"}
+    status, answer, _ = await call(http, gateway, path, upload(mallory), bearer)
+    assert (status, answer["error"]["reason"]) == (401, "subject_mismatch")
+    status, answer, _ = await call(http, gateway, path, upload(alice))
+    assert (status, answer["error"]["code"]) == (401, "TOKEN_NOT_PROVIDED")
+    assert len(upstream.received) == forwarded
+
+
 # --- every algorithm family, and keys of different types in one project -----------------------
 
 
@@ -487,6 +616,8 @@ async def test_pss_signature_needs_pss_algorithm(
         ("moengage.yaml", ["keys/moengage-a.public.pem", "keys/moengage-b.public.pem"], {}),
         ("bloomreach.yaml", [], BLOOMREACH_ENV),
         ("braze.yaml", ["keys/braze-rsa.public.pem", "keys/braze-ec.public.pem"], {}),
+        ("segment.yaml", ["keys/segment-rsa.public.pem"], {}),
+        ("amplitude.yaml", ["keys/amplitude-ec.public.pem"], {}),
     ],
 )
 def test_example_passes_check_config(
