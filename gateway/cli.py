@@ -1,4 +1,4 @@
-"""The `gateway` command (SPEC §2). Nothing else imports this module."""
+"""The `gateway` command. Nothing else imports this module."""
 
 from __future__ import annotations
 
@@ -11,11 +11,26 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
-from gateway.clock import SystemClock
-from gateway.compiled import CompiledConfig
-from gateway.config import ConfigError
-from gateway.subject import Identity
+from gateway.algorithms import ALGORITHMS, KeyType, key_type_of
+
+# Beyond the algorithm table (for --alg), each command imports what it uses when it runs:
+# `gateway token mint` and `--help` start without loading the config schema or the server.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    from gateway.compiled import CompiledConfig
+    from gateway.config import ConfigError
+    from gateway.subject import Identity
+
+    PrivateKey: TypeAlias = (
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey
+    )
+    SigningKey: TypeAlias = PrivateKey | bytes  # bytes: an HMAC secret
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -26,6 +41,7 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _load(path: Path) -> CompiledConfig:
+    from gateway.clock import SystemClock
     from gateway.server import load_config
 
     return load_config(path, SystemClock())
@@ -66,6 +82,8 @@ def _summary(config: CompiledConfig) -> list[str]:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError
+
     path = _config_path(args)
     try:
         config = _load(path)
@@ -77,6 +95,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.config import ConfigError
     from gateway.logs import configure_logging
     from gateway.server import serve
 
@@ -123,14 +142,46 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+CURVES = ("P-256", "P-384", "P-521")  # the curves of ES256, ES384 and ES512
+
+
+def _generate_key(args: argparse.Namespace) -> PrivateKey | str:
+    """A new private key of the asked type, or why the options do not fit together."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if args.type != "rsa" and args.bits is not None:
+        return "--bits applies to --type rsa only"
+    if args.type != "ec" and args.curve is not None:
+        return "--curve applies to --type ec only"
+    if args.type == "ec":
+        curves = dict(zip(CURVES, (ec.SECP256R1(), ec.SECP384R1(), ec.SECP521R1()), strict=True))
+        return ec.generate_private_key(curves[args.curve or CURVES[0]])
+    if args.type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    bits = 2048 if args.bits is None else args.bits
+    if bits < 2048:
+        return "--bits must be at least 2048"
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def _signing_algorithms(public_key: object) -> list[str]:
+    """The algorithms the gateway verifies with this key: what `algorithms:` may list."""
+    key_type = key_type_of(public_key)
+    return [
+        name
+        for name, alg in ALGORITHMS.items()
+        if alg.key_type is key_type and alg.fits(public_key) is None
+    ]
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
     from gateway.keys import fingerprint
 
-    if args.bits < 2048:
-        print("gateway keygen: --bits must be at least 2048", file=sys.stderr)
+    key = _generate_key(args)
+    if isinstance(key, str):
+        print(f"gateway keygen: {key}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +191,6 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         if existing.exists():
             print(f"gateway keygen: {existing} exists; not overwriting", file=sys.stderr)
             return 1
-    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -156,17 +206,93 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"private key: {private_path}  (keep on the customer backend only)")
     print(f"public key:  {public_path}  (put in the gateway config)")
     print(f"fingerprint: {fingerprint(key.public_key())}")
+    print(f"algorithms:  {', '.join(_signing_algorithms(key.public_key()))}")
     return 0
+
+
+def _read_secret(args: argparse.Namespace) -> bytes | str:
+    """The HMAC secret of --secret or --secret-file, read as the config reads `secret:`."""
+    from gateway.keys import KeyProblem, parse_secret
+
+    where, text = "--secret", args.secret
+    if args.secret_file is not None:
+        where = args.secret_file
+        try:
+            # A file written by `echo` ends in a newline that is not part of the secret.
+            text = Path(where).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            return f"{where}: {exc.strerror}"
+        except UnicodeDecodeError:
+            return f"{where}: not UTF-8 text"
+    try:
+        return parse_secret(text)
+    except KeyProblem as exc:
+        return f"{where}: {exc}"
+
+
+def _read_private_key(path: str) -> SigningKey | str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        return f"{path}: the key is encrypted; give it unencrypted"
+    except ValueError:
+        return f"{path}: not a PEM private key"
+    signing = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if not isinstance(key, signing | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return f"{path}: a {type(key).__name__} signs no JWS algorithm"
+    return key
+
+
+_KEY_NAMES = {
+    KeyType.RSA: "an RSA key",
+    KeyType.EC: "an EC key",
+    KeyType.OKP: "an Ed25519 or Ed448 key",
+}
+
+
+def _signing_key(args: argparse.Namespace) -> tuple[SigningKey, str] | str:
+    """The key `token mint` signs with and its algorithm (--alg, or the first the key fits),
+    or an error line; the key is checked against the algorithm as the gateway checks one."""
+    key = _read_secret(args) if args.private_key is None else _read_private_key(args.private_key)
+    if isinstance(key, str):
+        return key
+    public = key if isinstance(key, bytes) else key.public_key()
+    key_type = key_type_of(public)
+    assert key_type is not None  # the readers return only keys of a JWS type
+    of_its_type = [n for n, a in ALGORITHMS.items() if a.key_type is key_type]
+    # With none fitting (a short secret), the first of its type says what is wrong below.
+    alg = args.alg or (_signing_algorithms(public) or of_its_type)[0]
+    wanted = ALGORITHMS[alg].key_type
+    if wanted is not key_type:
+        if wanted is KeyType.HMAC:
+            return f"--alg {alg} signs with --secret or --secret-file, not a private key"
+        if key_type is KeyType.HMAC:
+            return f"--alg {alg} signs with --private-key, not a secret"
+        return (
+            f"--alg {alg} needs {_KEY_NAMES[wanted]}; "
+            f"{args.private_key} holds {_KEY_NAMES[key_type]}"
+        )
+    misfit = ALGORITHMS[alg].fits(public)
+    if misfit is not None:
+        return f"--alg {alg}: {misfit}"
+    return key, alg
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
     import jwt
 
-    try:
-        private_key = Path(args.private_key).read_bytes()
-    except OSError as exc:
-        print(f"gateway token mint: {args.private_key}: {exc.strerror}", file=sys.stderr)
-        return 1
+    signing = _signing_key(args)
+    if isinstance(signing, str):
+        print(f"gateway token mint: {signing}", file=sys.stderr)
+        return 2
+    key, alg = signing
     now = int(time.time())
     claims: dict[str, object] = {
         "sub": {"key": args.user_key, "value": args.user},
@@ -182,12 +308,12 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
     headers: dict[str, str] = {"typ": "JWT"}
     if args.kid:
         headers["kid"] = args.kid
-    print(jwt.encode(claims, private_key, algorithm=args.alg, headers=headers))
+    print(jwt.encode(claims, key, algorithm=alg, headers=headers))
     return 0
 
 
 def cmd_token_inspect(args: argparse.Namespace) -> int:
-    from gateway.config import load_settings
+    from gateway.config import ConfigError, load_settings
     from gateway.inspect import decode_unverified, verdict
     from gateway.logs import utc_timestamp
 
@@ -252,6 +378,44 @@ def cmd_sample_upstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    from gateway.config import Settings
+
+    print(json.dumps(Settings.model_json_schema(), indent=2))
+    return 0
+
+
+DISTRIBUTION = "ingestion-gateway"
+DESCRIPTION = (
+    "SDK-authentication gateway for mobile-analytics tracking APIs: it verifies the JWTs a "
+    "customer's backend signs for its users, checks each request is about the token's user, "
+    "and forwards it to the tracking API. Try `gateway demo` to see it work."
+)
+CONFIG_HELP = "the config file (default: $GATEWAY_CONFIG)"
+
+
+class _Version(argparse.Action):
+    """`--version`: read from the installed package's metadata, only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"gateway {version(DISTRIBUTION)}")
+        except PackageNotFoundError:
+            parser.exit(2, f"gateway: {DISTRIBUTION} is not installed (pip install -e .)\n")
+        parser.exit()
+
+
 def _workers_argument(value: str) -> int | str:
     if value == "auto":
         return value
@@ -261,73 +425,152 @@ def _workers_argument(value: str) -> int | str:
     return count
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help; an option without one says what happens instead."""
 
-    run = commands.add_parser("run", help="serve with a config until SIGTERM/SIGINT")
-    run.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description=DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    # The metavar keeps the internal `worker` command (see main) out of usage lines.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help: str, owner: argparse._SubParsersAction[argparse.ArgumentParser] = commands
+    ) -> argparse.ArgumentParser:
+        return owner.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            formatter_class=_HelpFormatter,
+        )
+
+    run = command("run", "serve with a config until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", help=CONFIG_HELP)
     run.add_argument(
-        "--workers", type=_workers_argument, help="worker processes, or auto (overrides config)"
+        "--workers",
+        type=_workers_argument,
+        help="worker processes, or auto for one per CPU (default: the config's workers)",
     )
     run.set_defaults(func=cmd_run)
 
-    # Started by `run` for each worker; not for direct use.
-    worker = commands.add_parser("worker")
+    check = command("check-config", "validate a config and summarise it")
+    check.add_argument("-c", "--config", help=CONFIG_HELP)
+    check.set_defaults(func=cmd_check_config)
+
+    schema = command(
+        "config-schema", "print the JSON Schema of the config file, for editors and CI"
+    )
+    schema.set_defaults(func=cmd_config_schema)
+
+    keygen = command("keygen", "write a key pair for a customer backend to sign tokens with")
+    keygen.add_argument(
+        "--type", choices=["rsa", "ec", "ed25519"], default="rsa", help="the kind of key"
+    )
+    keygen.add_argument(
+        "--bits", type=int, help="RSA key size, at least 2048 (default: 2048; rsa only)"
+    )
+    keygen.add_argument(
+        "--curve", choices=CURVES, help="the curve (default: P-256, for ES256; ec only)"
+    )
+    keygen.add_argument("--out-dir", default=".", help="where to write the two PEM files")
+    keygen.add_argument(
+        "--name", default="sdk-auth", help="file names: NAME.private.pem and NAME.public.pem"
+    )
+    keygen.set_defaults(func=cmd_keygen)
+
+    token = command("token", "mint or inspect SDK tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    mint = command("mint", "print a signed JWT in the contract's shape", token_commands)
+    key = mint.add_mutually_exclusive_group(required=True)
+    key.add_argument(
+        "--private-key",
+        metavar="PEM_FILE",
+        help="sign with this private key (RS*, PS*, ES*, EdDSA)",
+    )
+    key.add_argument(
+        "--secret",
+        help="sign with this HMAC secret (HS*), written as in the config: UTF-8 text, or "
+        "base64:... (--secret-file keeps it out of shell history and ps)",
+    )
+    key.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="sign with the HMAC secret in this file (HS*), written like --secret; a final "
+        "newline is not part of it",
+    )
+    mint.add_argument("--user", required=True, help="the user id the token is for")
+    mint.add_argument("--user-key", default="uid", help="the key of `sub`: {key, value}")
+    mint.add_argument(
+        "--ttl", type=int, default=3600, help="seconds until it expires; negative mints expired"
+    )
+    mint.add_argument(
+        "--alg",
+        choices=list(ALGORITHMS),
+        help="the JWS algorithm (default: the first the key fits: RS256, ES256/384/512 by "
+        "curve, EdDSA, HS256)",
+    )
+    mint.add_argument(
+        "--kid",
+        help="the key id header (default: none; the gateway then tries "
+        "each key that fits the algorithm)",
+    )
+    mint.add_argument("--aud", help="the audience claim (default: none)")
+    mint.add_argument("--iss", help="the issuer claim (default: none)")
+    mint.set_defaults(func=cmd_token_mint)
+    inspect = command(
+        "inspect", "print a token's header and claims, and the gateway's verdict", token_commands
+    )
+    inspect.add_argument("token", help="the token, or - to read it from stdin")
+    inspect.add_argument(
+        "-c", "--config", help="judge with this config (default: $GATEWAY_CONFIG, else no verdict)"
+    )
+    inspect.add_argument(
+        "--project", help="the project the token is for; needed with a config (default: none)"
+    )
+    inspect.add_argument(
+        "--user", help="the user the request names, a JSON map for id_map (default: none)"
+    )
+    inspect.add_argument("--at", type=float, help="judge as of this epoch time (default: now)")
+    inspect.set_defaults(func=cmd_token_inspect)
+
+    demo = command("demo", "sample tracking API + gateway on generated keys, with curl commands")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="the gateway's address")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9090", help="the admin address")
+    demo.add_argument("--upstream-port", type=int, default=8000, help="the sample API's port")
+    demo.set_defaults(func=cmd_demo)
+
+    sample = command("sample-upstream", "run the bundled sample tracking API")
+    sample.add_argument("--listen", default="127.0.0.1:8000", help="its address")
+    sample.set_defaults(func=cmd_sample_upstream)
+    return parser
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    """`gateway worker`: what `run` starts for each worker process; not for direct use."""
+    worker = argparse.ArgumentParser(prog="gateway worker")
     worker.add_argument("-c", "--config", required=True)
     worker.add_argument("--admin-port-file", required=True)
     worker.set_defaults(func=cmd_worker)
-
-    check = commands.add_parser("check-config", help="validate a config and summarise it")
-    check.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")
-    check.set_defaults(func=cmd_check_config)
-
-    keygen = commands.add_parser("keygen", help="write an RSA key pair for a customer backend")
-    keygen.add_argument("--bits", type=int, default=2048)
-    keygen.add_argument("--out-dir", default=".")
-    keygen.add_argument("--name", default="sdk-auth")
-    keygen.set_defaults(func=cmd_keygen)
-
-    token = commands.add_parser("token", help="mint or inspect SDK tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True)
-    mint = token_commands.add_parser("mint", help="print a signed JWT in the contract's shape")
-    mint.add_argument("--private-key", required=True)
-    mint.add_argument("--user", required=True)
-    mint.add_argument("--user-key", default="uid")
-    mint.add_argument("--ttl", type=int, default=3600, help="seconds; negative mints expired")
-    mint.add_argument("--alg", default="RS256", choices=["RS256", "RS384", "RS512"])
-    mint.add_argument("--kid")
-    mint.add_argument("--aud")
-    mint.add_argument("--iss")
-    mint.set_defaults(func=cmd_token_mint)
-    inspect = token_commands.add_parser(
-        "inspect", help="print a token's header and claims, and the gateway's verdict"
-    )
-    inspect.add_argument("token", help="the token, or - to read it from stdin")
-    inspect.add_argument("-c", "--config", help="config file (or GATEWAY_CONFIG)")
-    inspect.add_argument("--project", help="the project the token is for")
-    inspect.add_argument("--user", help="the user the request names (JSON map for id_map)")
-    inspect.add_argument("--at", type=float, help="judge as of this epoch time (default now)")
-    inspect.set_defaults(func=cmd_token_inspect)
-
-    demo = commands.add_parser(
-        "demo", help="sample tracking API + gateway on generated keys, with curl commands"
-    )
-    demo.add_argument("--listen", default="127.0.0.1:8080")
-    demo.add_argument("--admin-listen", default="127.0.0.1:9090")
-    demo.add_argument("--upstream-port", type=int, default=8000)
-    demo.set_defaults(func=cmd_demo)
-
-    sample = commands.add_parser("sample-upstream", help="run the bundled sample tracking API")
-    sample.add_argument("--listen", default="127.0.0.1:8000")
-    sample.set_defaults(func=cmd_sample_upstream)
-    return parser
+    return worker
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from gateway.sockets import StartupError
 
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # The worker command has a parser of its own, so no help, usage or error lists it.
+    if arguments[:1] == ["worker"]:
+        args = _worker_parser().parse_args(arguments[1:])
+    else:
+        args = build_parser().parse_args(arguments)
     try:
         code: int = args.func(args)
     except StartupError as exc:  # one line naming what failed, never a traceback

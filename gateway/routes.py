@@ -83,7 +83,7 @@ def compile_template(template: str) -> re.Pattern[str]:
         literal += "{}"
         i = j
     # The segments parse_target refuses, so a route with one could never match any request.
-    segments = literal.removesuffix("/").split("/")[1:] if literal != "/" else []
+    segments = literal.removesuffix("/").split("/")[1:]
     if "" in segments:
         raise TemplateError("has an empty segment")
     if "." in segments or ".." in segments:

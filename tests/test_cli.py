@@ -1,4 +1,4 @@
-"""SPEC §2: the `gateway` command, run as a real subprocess (`python -m gateway`).
+"""The `gateway` command, run as a real subprocess (`python -m gateway`).
 
 Servers run on free loopback ports; every wait polls with a deadline, and every process started
 here is killed and reaped in a `finally`, whatever the test's outcome.
@@ -6,10 +6,12 @@ here is killed and reaped in a `finally`, whatever the test's outcome.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import os
 import re
@@ -26,10 +28,13 @@ from typing import Any
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from tests.conftest import KeyPair, base_config, free_port, write_config
+from gateway.cli import build_parser
+from gateway.config import Settings
+from tests.conftest import EXAMPLES, KeyPair, base_config, free_port, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_SECONDS = 20.0
@@ -477,9 +482,15 @@ class Served:
         write_config(self.config_path.parent, config, {"a.pem": key_a})
 
 
-@pytest.fixture
-def served(tmp_path: Path, workdir: Path, key_a: KeyPair) -> Iterator[Served]:
-    """The sample upstream and `gateway run`, each a subprocess on free loopback ports."""
+@contextmanager
+def serving(
+    config_dir: Path,
+    workdir: Path,
+    edit: Callable[[dict[str, Any]], None],
+    keys: dict[str, KeyPair],
+) -> Iterator[Served]:
+    """The sample upstream and `gateway run` on the base config after `edit`, each a
+    subprocess on free loopback ports."""
     upstream_port = free_port()
     upstream_argv = gateway_argv("sample-upstream", "--listen", f"127.0.0.1:{upstream_port}")
     with started(upstream_argv, workdir, "upstream") as upstream:
@@ -492,10 +503,17 @@ def served(tmp_path: Path, workdir: Path, key_a: KeyPair) -> Iterator[Served]:
         public_port, admin_port = free_port(), free_port()
         config["listen"] = f"127.0.0.1:{public_port}"
         config["admin_listen"] = f"127.0.0.1:{admin_port}"
-        path = write_config(tmp_path, config, {"a.pem": key_a})
+        edit(config)
+        path = write_config(config_dir, config, keys)
         with started(gateway_argv("run", "-c", str(path)), workdir, "gateway") as gateway:
             wait_for("/readyz answers 200", lambda: answers_200(admin_port, "/readyz"), gateway)
             yield Served(gateway, config, path, public_port, admin_port, upstream_port)
+
+
+@pytest.fixture
+def served(tmp_path: Path, workdir: Path, key_a: KeyPair) -> Iterator[Served]:
+    with serving(tmp_path, workdir, lambda config: None, {"a.pem": key_a}) as running:
+        yield running
 
 
 def stop_with_sigterm(served: Served) -> int:
@@ -655,3 +673,406 @@ def test_demo_serves_what_it_prints(workdir: Path) -> None:
         assert status == 200
         demo.popen.send_signal(signal.SIGTERM)
         assert demo.popen.wait(timeout=DEADLINE_SECONDS) == 0
+
+
+# --- help, version, config schema ---------------------------------------------------------------
+
+
+def test_version_is_the_installed_package_version(workdir: Path) -> None:
+    result = run_cli("--version", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"gateway {importlib.metadata.version('ingestion-gateway')}\n"
+
+
+def test_top_level_help_describes_the_product_and_hides_the_worker_command(
+    workdir: Path,
+) -> None:
+    result = run_cli("--help", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    usage, _, rest = result.stdout.partition("\n\n")
+    assert usage == "usage: gateway [-h] [--version] COMMAND ..."
+    description = " ".join(rest.partition("\n\n")[0].split())
+    assert description.startswith("SDK-authentication gateway for mobile-analytics tracking APIs")
+    assert "gateway demo" in description
+    assert len(re.findall(r"[.!?](?:\s|$)", description)) <= 2  # one or two sentences
+    for name in ("run", "check-config", "config-schema", "keygen", "token", "demo"):
+        assert lines_matching(rf"\s+{name}\s+\S.*|\s+{name}", result.stdout), name
+    unknown = run_cli("nope", cwd=workdir)
+    assert unknown.returncode == 2
+    for text in (result.stdout, unknown.stderr):
+        assert "worker" not in text
+        assert "SPEC" not in text
+
+
+def command_parsers() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command's parser with the words that reach it, `gateway` itself first."""
+    found: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = []
+
+    def walk(words: tuple[str, ...], parser: argparse.ArgumentParser) -> None:
+        found.append((words, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk((*words, name), child)
+
+    walk((), build_parser())
+    return found
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """The help text of each option and positional in `--help` output, by its first name."""
+    entries: dict[str, str] = {}
+    name: str | None = None
+    for line in text.splitlines():
+        if re.match(r"  \S", line):
+            invocation, _, rest = line.strip().partition("  ")
+            name = invocation.split()[0].rstrip(",")
+            entries[name] = rest.strip()
+        elif name is not None and line.startswith("   "):
+            entries[name] = f"{entries[name]} {line.strip()}".strip()
+        else:
+            name = None
+    return entries
+
+
+@pytest.mark.parametrize(
+    "words",
+    [pytest.param(words, id=" ".join(words) or "gateway") for words, _ in command_parsers()],
+)
+def test_every_option_has_help_and_shows_its_default(workdir: Path, words: tuple[str, ...]) -> None:
+    parser = dict(command_parsers())[words]
+    result = run_cli(*words, "--help", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "SPEC" not in result.stdout
+    entries = help_entries(result.stdout)
+    one_of = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert entries.get(name), (name, result.stdout)
+        needs_default = not (
+            action.required or action in one_of or action.default is argparse.SUPPRESS
+        )
+        if action.option_strings and needs_default:
+            assert "(default: " in entries[name], (name, entries[name])
+
+
+def test_config_schema_is_the_settings_schema_and_fits_every_example(workdir: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    result = run_cli("config-schema", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema == Settings.model_json_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    examples = sorted(EXAMPLES.glob("*.yaml"))
+    assert len(examples) >= 5
+    for example in examples:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(example.read_text()))]
+        assert errors == [], example
+    broken = copy.deepcopy(base_config("http://127.0.0.1:9"))
+    broken["projects"]["app"]["mode"] = "requird"
+    broken["listn"] = "127.0.0.1:8080"
+    errors = [e.message for e in validator.iter_errors(broken)]
+    assert len(errors) == 2, errors
+    assert any("'listn' was unexpected" in e for e in errors), errors
+    assert any("'requird' is not one of" in e for e in errors), errors
+
+
+# --- keygen: every key type --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "kind", "size", "algorithms"),
+    [
+        pytest.param(
+            (), rsa.RSAPrivateKey, 2048, "RS256, RS384, RS512, PS256, PS384, PS512", id="rsa"
+        ),
+        pytest.param(
+            ("--bits", "3072"),
+            rsa.RSAPrivateKey,
+            3072,
+            "RS256, RS384, RS512, PS256, PS384, PS512",
+            id="rsa_3072",
+        ),
+        pytest.param(("--type", "ec"), ec.EllipticCurvePrivateKey, 256, "ES256", id="ec"),
+        pytest.param(
+            ("--type", "ec", "--curve", "P-384"),
+            ec.EllipticCurvePrivateKey,
+            384,
+            "ES384",
+            id="ec_p384",
+        ),
+        pytest.param(
+            ("--type", "ec", "--curve", "P-521"),
+            ec.EllipticCurvePrivateKey,
+            521,
+            "ES512",
+            id="ec_p521",
+        ),
+        pytest.param(("--type", "ed25519"), ed25519.Ed25519PrivateKey, None, "EdDSA", id="ed25519"),
+    ],
+)
+def test_keygen_writes_each_key_type(
+    workdir: Path, options: tuple[str, ...], kind: type, size: int | None, algorithms: str
+) -> None:
+    result = run_cli("keygen", *options, "--out-dir", str(workdir), "--name", "k", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    private_path, public_path = workdir / "k.private.pem", workdir / "k.public.pem"
+    assert stat.S_IMODE(private_path.stat().st_mode) == 0o600
+    private = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
+    assert isinstance(private, kind)
+    if isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        assert private.key_size == size
+    public_pem = public_path.read_bytes()
+    assert b"PRIVATE" not in public_pem
+    assert serialization.load_pem_public_key(public_pem) == private.public_key()
+    der = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    fingerprint = base64.b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+    assert f"fingerprint: SHA256:{fingerprint}" in result.stdout
+    assert f"algorithms:  {algorithms}\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param(
+            ("--type", "ec", "--bits", "4096"),
+            "--bits applies to --type rsa only",
+            id="bits_for_ec",
+        ),
+        pytest.param(("--curve", "P-384"), "--curve applies to --type ec only", id="curve_for_rsa"),
+        pytest.param(
+            ("--type", "ed25519", "--curve", "P-256"),
+            "--curve applies to --type ec only",
+            id="curve_for_ed25519",
+        ),
+    ],
+)
+def test_keygen_refuses_options_of_another_key_type(
+    workdir: Path, options: tuple[str, ...], message: str
+) -> None:
+    result = run_cli("keygen", *options, "--out-dir", str(workdir), cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr == f"gateway keygen: {message}\n"
+    assert list(workdir.glob("*.pem")) == []
+
+
+# --- token mint: every algorithm the gateway verifies ------------------------------------------
+
+HMAC_SECRET = "base64:" + base64.b64encode(bytes(range(64))).decode()
+FAMILIES = {  # project: (keygen options, algorithms)
+    "rsa": (("--type", "rsa"), ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]),
+    "p256": (("--type", "ec", "--curve", "P-256"), ["ES256"]),
+    "p384": (("--type", "ec", "--curve", "P-384"), ["ES384"]),
+    "p521": (("--type", "ec", "--curve", "P-521"), ["ES512"]),
+    "ed": (("--type", "ed25519"), ["EdDSA"]),
+    "hmac": ((), ["HS256", "HS384", "HS512"]),
+}
+
+
+def test_token_mint_signs_every_algorithm_the_gateway_verifies(
+    tmp_path: Path, workdir: Path
+) -> None:
+    secret_file = workdir / "secret.txt"
+    secret_file.write_text(HMAC_SECRET + "\n")
+    for project, (options, _) in FAMILIES.items():
+        if options:
+            made = run_cli(
+                "keygen",
+                *options,
+                "--out-dir",
+                str(tmp_path / "keys"),
+                "--name",
+                project,
+                cwd=workdir,
+            )
+            assert made.returncode == 0, made.stderr
+
+    def families(config: dict[str, Any]) -> None:
+        config["projects"] = {
+            project: {
+                "mode": "required",
+                "algorithms": algorithms,
+                "keys": [
+                    {"id": project, "secret": HMAC_SECRET}
+                    if project == "hmac"
+                    else {"id": project, "pem_file": f"keys/{project}.public.pem"}
+                ],
+            }
+            for project, (_, algorithms) in FAMILIES.items()
+        }
+
+    identified = {"customer_ids": {"registered": "alice"}}
+    with serving(tmp_path, workdir, families, {}) as served:
+        for project, (_, algorithms) in FAMILIES.items():
+            key = (
+                ("--secret-file", str(secret_file))
+                if project == "hmac"
+                else ("--private-key", str(tmp_path / "keys" / f"{project}.private.pem"))
+            )
+            # Without --alg, the first algorithm the key fits.
+            for alg in [None, *algorithms]:
+                chosen = () if alg is None else ("--alg", alg)
+                minted = run_cli(
+                    "token", "mint", *key, *chosen, "--user", "alice", "--kid", project, cwd=workdir
+                )
+                assert minted.returncode == 0, (project, alg, minted.stderr)
+                token = minted.stdout.strip()
+                assert jwt.get_unverified_header(token)["alg"] == (alg or algorithms[0])
+                headers = {"X-Sdk-Auth-Token": token}
+                path = f"/track/v2/projects/{project}/customers/events"
+                status, body = request(served.public_port, "POST", path, identified, headers)
+                assert status == 200, (project, alg, body)
+                forwarded = served.last_forwarded_headers()
+                assert forwarded["x-auth-status"] == "verified", (project, alg)
+                assert forwarded["x-authenticated-user"] == "alice"
+        assert stop_with_sigterm(served) == 0
+
+
+def test_token_mint_with_a_secret_verifies_through_token_inspect(
+    tmp_path: Path, workdir: Path, key_a: KeyPair
+) -> None:
+    config = base_config("http://127.0.0.1:9")
+    config["projects"]["app"]["algorithms"] = ["HS384"]
+    config["projects"]["app"]["keys"] = [{"id": "hmac", "secret": HMAC_SECRET}]
+    path = write_config(tmp_path, config, {})
+    inspect = ("token", "inspect", "-c", str(path), "--project", "app", "--user", "alice")
+    for given in (("--secret", HMAC_SECRET), ("--secret-file", str(tmp_path / "secret"))):
+        (tmp_path / "secret").write_text(HMAC_SECRET + "\r\n")
+        minted = run_cli(
+            "token",
+            "mint",
+            *given,
+            "--alg",
+            "HS384",
+            "--user",
+            "alice",
+            "--kid",
+            "hmac",
+            cwd=workdir,
+        )
+        assert minted.returncode == 0, minted.stderr
+        judged = run_cli(*inspect, minted.stdout.strip(), cwd=workdir)
+        assert judged.returncode == 0, judged.stdout + judged.stderr
+        assert 'verdict: VERIFIED user="alice" key=hmac' in judged.stdout
+    # The raw text of a secret is a different key from its base64 reading.
+    minted = run_cli(
+        "token",
+        "mint",
+        "--secret",
+        HMAC_SECRET.removeprefix("base64:"),
+        "--alg",
+        "HS384",
+        "--user",
+        "alice",
+        "--kid",
+        "hmac",
+        cwd=workdir,
+    )
+    assert minted.returncode == 0, minted.stderr
+    judged = run_cli(*inspect, minted.stdout.strip(), cwd=workdir)
+    assert "verdict: TOKEN_REJECTED (reason: signature_invalid)" in judged.stdout
+
+
+def write_pem(directory: Path, name: str, key: Any) -> str:
+    path = directory / name
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "alg", "message"),
+    [
+        pytest.param(
+            "rsa",
+            "ES256",
+            "--alg ES256 needs an EC key; {rsa} holds an RSA key",
+            id="rsa_for_es256",
+        ),
+        pytest.param(
+            "ed",
+            "PS256",
+            "--alg PS256 needs an RSA key; {ed} holds an Ed25519 or Ed448 key",
+            id="ed25519_for_ps256",
+        ),
+        pytest.param(
+            "p256",
+            "EdDSA",
+            "--alg EdDSA needs an Ed25519 or Ed448 key; {p256} holds an EC key",
+            id="ec_for_eddsa",
+        ),
+        pytest.param(
+            "p256",
+            "ES384",
+            "--alg ES384: curve secp256r1 does not fit; it needs secp384r1",
+            id="p256_for_es384",
+        ),
+        pytest.param(
+            "rsa",
+            "HS256",
+            "--alg HS256 signs with --secret or --secret-file, not a private key",
+            id="rsa_for_hs256",
+        ),
+        pytest.param(
+            "secret",
+            "RS256",
+            "--alg RS256 signs with --private-key, not a secret",
+            id="secret_for_rs256",
+        ),
+        pytest.param(
+            "short",
+            None,
+            "--alg HS256: HMAC secret is 16 bytes; HS256 needs at least 32",
+            id="short_secret",
+        ),
+        pytest.param(
+            "secret",
+            "HS512",
+            "--alg HS512: HMAC secret is 48 bytes; HS512 needs at least 64",
+            id="secret_short_for_hs512",
+        ),
+        pytest.param("not_pem", None, "{not_pem}: not a PEM private key", id="not_a_pem"),
+        pytest.param("missing", None, "{missing}: No such file or directory", id="missing_file"),
+    ],
+)
+def test_token_mint_refuses_a_key_that_does_not_fit_the_algorithm(
+    workdir: Path, key_a: KeyPair, key: str, alg: str | None, message: str
+) -> None:
+    (workdir / "not.pem").write_text("not a key\n")
+    files = {
+        "rsa": str(write_private_key(workdir, key_a)),
+        "ed": write_pem(workdir, "ed.pem", ed25519.Ed25519PrivateKey.generate()),
+        "p256": write_pem(workdir, "p256.pem", ec.generate_private_key(ec.SECP256R1())),
+        "not_pem": str(workdir / "not.pem"),
+        "missing": str(workdir / "missing.pem"),
+    }
+    given = {
+        "secret": ("--secret", "s" * 48),
+        "short": ("--secret", "s" * 16),
+    }.get(key) or ("--private-key", files[key])
+    chosen = () if alg is None else ("--alg", alg)
+    result = run_cli("token", "mint", *given, *chosen, "--user", "alice", cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr == f"gateway token mint: {message.format(**files)}\n"
+    assert result.stdout == ""
+
+
+def test_token_mint_takes_exactly_one_key(workdir: Path, key_a: KeyPair) -> None:
+    key_file = str(write_private_key(workdir, key_a))
+    both = run_cli(
+        "token", "mint", "--private-key", key_file, "--secret", "s" * 32, "--user", "a", cwd=workdir
+    )
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+    neither = run_cli("token", "mint", "--user", "a", cwd=workdir)
+    assert neither.returncode == 2
+    assert "one of the arguments --private-key --secret --secret-file is required" in neither.stderr
