@@ -6,8 +6,13 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 NODE_MODULES := tests/differential/node_modules/.installed
 CONFIG ?= config/gateway.yaml
+# Where `make run` serves the bundled sample tracking API (the gateway's UPSTREAM_URL follows).
+SAMPLE_API ?= 127.0.0.1:8000
+EXAMPLE_KEYS := demo moengage-a moengage-b braze-rsa segment-rsa
+EXAMPLE_EC_KEYS := braze-ec amplitude-ec
+EXAMPLE_SECRETS := ("SHOP_EU_PUBLIC_API_KEY", "SHOP_EU_KEY_7_SECRET", "STREAM_ORDERS_SECRET")
 
-.PHONY: install run test deps lint typecheck format check-config bench fuzz-deep soak clean
+.PHONY: install run examples test deps lint typecheck format check-config bench fuzz-deep soak clean
 
 # The gateway alone, for `make run`.
 $(RUNTIME): pyproject.toml
@@ -36,11 +41,34 @@ install: $(DEV)
 config/keys/demo.public.pem: | $(RUNTIME)
 	$(BIN)/gateway keygen --out-dir config/keys --name demo
 
-# The sample tracking API runs beside the gateway and stops with it.
+# The sample tracking API runs beside the gateway and stops with it. If it cannot listen (the
+# port is taken), `make run` stops with its one-line error rather than proxy to whatever holds
+# the port. Move the ports with SAMPLE_API=HOST:PORT, GATEWAY_LISTEN and GATEWAY_ADMIN_LISTEN.
 run: $(RUNTIME) config/keys/demo.public.pem
-	@$(BIN)/gateway sample-upstream --listen 127.0.0.1:8000 & upstream=$$!; \
-	trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/gateway run -c $(CONFIG)
+	@ready=$$(mktemp -u); \
+	$(BIN)/gateway sample-upstream --listen $(SAMPLE_API) --ready-file $$ready & upstream=$$!; \
+	trap 'kill $$upstream 2>/dev/null; rm -f $$ready' EXIT INT TERM; \
+	until [ -s $$ready ]; do kill -0 $$upstream 2>/dev/null || exit 1; sleep 0.1; done; \
+	UPSTREAM_URL=$${UPSTREAM_URL:-http://$(SAMPLE_API)} $(BIN)/gateway run -c $(CONFIG)
+
+# Key pairs and secrets for every config/*.yaml example, then `check-config` on each. The
+# secrets go to config/examples.env (load it with `set -a; . config/examples.env; set +a`).
+examples: $(RUNTIME)
+	@for name in $(EXAMPLE_KEYS); do \
+	  [ -f config/keys/$$name.public.pem ] || \
+	    $(BIN)/gateway keygen --out-dir config/keys --name $$name >/dev/null || exit 1; \
+	done
+	@for name in $(EXAMPLE_EC_KEYS); do \
+	  [ -f config/keys/$$name.public.pem ] || \
+	    $(BIN)/gateway keygen --type ec --out-dir config/keys --name $$name >/dev/null || exit 1; \
+	done
+	@[ -f config/examples.env ] || $(BIN)/python -c 'import secrets; \
+	  [print(f"{name}={secrets.token_urlsafe(48)}") for name in $(EXAMPLE_SECRETS)]' \
+	  > config/examples.env
+	@set -a; . config/examples.env; set +a; \
+	for config in config/*.yaml; do \
+	  $(BIN)/gateway check-config -c $$config >/dev/null || exit 1; echo "$$config: OK"; \
+	done
 
 test: deps $(DEV) $(NODE_MODULES)
 	$(BIN)/ruff check gateway tests
@@ -78,4 +106,4 @@ check-config: $(RUNTIME) config/keys/demo.public.pem
 	$(BIN)/gateway check-config -c $(CONFIG)
 
 clean:
-	rm -rf $(VENV) tests/differential/node_modules tests/differential/.cache .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf $(VENV) config/keys config/examples.env tests/differential/node_modules tests/differential/.cache .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

@@ -374,7 +374,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sample_upstream(args: argparse.Namespace) -> int:
     from gateway.sample_upstream import run_sample_upstream
 
-    run_sample_upstream(args.listen)
+    run_sample_upstream(args.listen, Path(args.ready_file) if args.ready_file else None)
     return 0
 
 
@@ -547,10 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--upstream-port", type=int, default=8000, help="the sample API's port")
     demo.set_defaults(func=cmd_demo)
 
-    sample = command("sample-upstream", "run the bundled sample tracking API")
-    sample.add_argument("--listen", default="127.0.0.1:8000", help="its address")
-    sample.set_defaults(func=cmd_sample_upstream)
+    _sample_upstream_arguments(command("sample-upstream", "run the bundled sample tracking API"))
     return parser
+
+
+def _sample_upstream_arguments(sample: argparse.ArgumentParser) -> None:
+    sample.add_argument("--listen", default="127.0.0.1:8000", help="its address")
+    sample.add_argument(
+        "--ready-file",
+        help="write the address here once listening, for scripts that wait for it (default: none)",
+    )
+    sample.set_defaults(func=cmd_sample_upstream)
 
 
 def _worker_parser() -> argparse.ArgumentParser:

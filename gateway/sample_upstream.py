@@ -8,6 +8,7 @@ import json
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -63,7 +64,9 @@ def make_sample_upstream(*, keep: int = 1000, echo: bool = False) -> web.Applica
     return app
 
 
-def run_sample_upstream(listen: str) -> None:
+def run_sample_upstream(listen: str, ready_file: Path | None = None) -> None:
     sock = bind(listen)  # a busy port is a one-line error, not a traceback
     print(json.dumps({"sample_upstream": f"http://{listen}"}), flush=True)
+    if ready_file is not None:
+        ready_file.write_text(f"{listen}\n")
     web.run_app(make_sample_upstream(echo=True), sock=sock, print=None)
