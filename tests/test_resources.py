@@ -1,0 +1,124 @@
+"""Memory stays bounded whatever the upstream does: upstreams that declare huge chunks.
+
+Every test runs the real gateway on loopback against a real upstream the test starts, and
+measures what an attacker could grow: the process's resident memory (VmRSS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import GatewayFactory
+
+MIB = 1 << 20
+BIG_GET = b"GET /v2/sdkconfig HTTP/1.1\r\nHost: 127.0.0.1\r\nX-App-Id: app\r\n\r\n"
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident memory of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def settled_rss() -> int:
+    """This process's memory once what earlier tests freed is handed back to the system, so
+    that what is allocated next shows as growth instead of reusing it unseen."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    return rss()
+
+
+async def peak_growth(baseline: int, done: Callable[[], bool], seconds: float) -> int:
+    """The largest growth of this process's memory over `baseline`, watched until `done()`
+    holds (what an unbounded gateway reaches quickly) or for `seconds` (a bounded one never
+    gets there)."""
+    deadline = time.monotonic() + seconds
+    peak = 0
+    while True:
+        peak = max(peak, rss() - baseline)
+        if done() or time.monotonic() >= deadline:
+            return peak
+        await asyncio.sleep(0.02)
+
+
+async def stalled_client(port: int, data: bytes) -> socket.socket:
+    """A client that sends `data` and then never reads: a tiny receive window, left full."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        async with asyncio.timeout(5):
+            await loop.sock_sendall(sock, data)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# --- upstreams that declare more than they send at once ----------------------------------------
+
+
+RawUpstream = Callable[[bytes, int], Awaitable[tuple[str, list[int]]]]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    """An upstream written on raw sockets: after any request head it sends `head`, then
+    filler bytes as fast as the gateway takes them, up to `total`; counts what it sent."""
+    servers: list[asyncio.Server] = []
+
+    async def start(head: bytes, total: int) -> tuple[str, list[int]]:
+        sent = [0]
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            piece = b"z" * MIB
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head)
+                while sent[0] < total:
+                    writer.write(piece)
+                    await writer.drain()
+                    sent[0] += len(piece)
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", sent
+
+    yield start
+    for server in servers:
+        server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 2)
+
+
+async def test_a_huge_declared_chunk_is_read_in_bounded_pieces(
+    make_gateway: GatewayFactory, raw_upstream: RawUpstream
+) -> None:
+    """The upstream declares a 1 GiB chunk and pours 64 MiB of it at a client that does not
+    read: the gateway stops reading the upstream past its buffer instead of holding it all."""
+    total = 64 * MIB
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n40000000\r\n"
+    url, sent = await raw_upstream(head, total)
+    gateway = await make_gateway(upstream={"url": url, "timeout_seconds": 10})
+    baseline = settled_rss()
+    sock = await stalled_client(gateway.port, BIG_GET)
+    try:
+        growth = await peak_growth(baseline, lambda: sent[0] >= total, seconds=3)
+        assert growth < 24 * MIB, f"RSS +{growth / MIB:.0f} MiB, {sent[0] / MIB:.0f} MiB sent"
+        assert sent[0] < total
+    finally:
+        sock.close()
