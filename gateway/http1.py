@@ -225,17 +225,30 @@ class ConnectionPool:
         return None
 
     async def _acquire(self) -> _Connection:
+        """A connection within `connect_timeout`: a free one when `max_connections` are open
+        (answers held by clients that stopped reading must not queue requests without end),
+        else a new one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
         while self._open >= self._max:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken just as it gave up: the turn passes to the next one
+                if isinstance(exc, TimeoutError):
+                    raise Rejected(Reason.UPSTREAM_CONNECT) from None
+                raise
             idle = self._take_idle()
             if idle is not None:
                 return idle
         self._open += 1
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, connection = await asyncio.get_running_loop().create_connection(
+            async with asyncio.timeout_at(deadline):
+                _, connection = await loop.create_connection(
                     lambda: _Connection(self._outbox), self._host, self._port
                 )
         except (OSError, TimeoutError):

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ log = logging.getLogger("gateway.server")
 MAX_HEADERS = 128
 MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
 LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 _NO_BODY = frozenset({204, 304})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
 
@@ -342,9 +344,15 @@ class HttpConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    async def stream(self, response: Response, rest: AsyncIterator[bytes]) -> None:
+    async def stream(
+        self, response: Response, rest: AsyncIterator[bytes], within_seconds: float
+    ) -> None:
         """Writes an answer whose body is still arriving from the upstream: chunked for HTTP/1.1,
-        delimited by closing the connection for HTTP/1.0. Exceptions from `rest` propagate."""
+        delimited by closing the connection for HTTP/1.0. Exceptions from `rest` propagate.
+
+        A client that stops taking the answer is cut once `within_seconds` have passed: what
+        `rest` holds (an upstream connection) is not held for it without end."""
+        deadline = self._loop.time() + within_seconds
         request = self._queue[0]
         assert isinstance(request, Request)
         chunked = request.version == "1.1"
@@ -372,15 +380,22 @@ class HttpConnection(asyncio.Protocol):
                 # it holds the bytes, and meanwhile the upstream's buffer (up to 4 MiB) would
                 # be poured into the client's.
                 self._outbox.flush(self._transport)
-            if self._write_paused:
-                self._drained = self._loop.create_future()
-                await self._drained
+            if self._write_paused and not await self._drain(deadline):
+                response.close = True
+                self.abort()
+                return
         if chunked:
             self.write(b"0\r\n\r\n")
 
     def abort(self) -> None:
-        """Cut the connection: an answer broken midway must never look complete."""
+        """Cut the connection with a reset: an answer broken midway must never look complete
+        (a FIN would end an HTTP/1.0 body as if whole), and what a client that reads nothing
+        was sent must not stay queued in the kernel behind a FIN it never takes."""
         if self._transport is not None:
+            sock = self._transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             self._transport.abort()
 
     # --- writing and closing -------------------------------------------------------------------
@@ -388,6 +403,17 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self._closed:
             self._outbox.write(self._transport, data)
+
+    async def _drain(self, deadline: float) -> bool:
+        """Waits until the transport takes writes again or the connection is lost; False when
+        `deadline` (loop time) comes first."""
+        self._drained = drained = self._loop.create_future()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await drained
+        except TimeoutError:
+            return False
+        return True
 
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None

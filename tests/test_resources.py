@@ -1,7 +1,9 @@
-"""Memory stays bounded whatever the upstream does: upstreams that declare huge chunks.
+"""Memory and upstream connections stay bounded whatever the clients and the upstream do:
+clients that stop reading streamed answers, upstreams that declare huge chunks.
 
 Every test runs the real gateway on loopback against a real upstream the test starts, and
-measures what an attacker could grow: the process's resident memory (VmRSS).
+measures what an attacker could grow: the process's resident memory (VmRSS), how long an
+ordinary request waits, which connections stay open.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, Handler, RunningGateway, eventually, raw_request
 
 MIB = 1 << 20
+EVENTS = "/track/v2/projects/app/customers/events"
+ORDINARY = (
+    f"POST {EVENTS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    "Content-Length: 2\r\n\r\n{}"
+).encode()
 BIG_GET = b"GET /v2/sdkconfig HTTP/1.1\r\nHost: 127.0.0.1\r\nX-App-Id: app\r\n\r\n"
 
 
@@ -66,6 +74,75 @@ async def stalled_client(port: int, data: bytes) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def timed(port: int, data: bytes = ORDINARY, wait: float = 10) -> tuple[int, float]:
+    """An ordinary request on its own connection: its status and how long it took."""
+    started = time.monotonic()
+    answer = await raw_request(port, data, wait_seconds=wait)
+    return answer.status, time.monotonic() - started
+
+
+def open_connections(gateway: RunningGateway) -> int:
+    public = gateway.server._public
+    assert public is not None
+    return len(public.connections)
+
+
+# --- streamed answers that a client stops reading ----------------------------------------------
+
+
+async def test_streams_a_client_stopped_reading_give_back_their_upstream_connections(
+    make_gateway: GatewayFactory, serve_app: Callable[[Handler], Awaitable[str]]
+) -> None:
+    """Two clients take streamed answers and stop reading while the pool holds two upstream
+    connections: an ordinary request must not wait for them, and the stalled streams are cut
+    once the upstream's `timeout_seconds` has passed."""
+    size = 16 * MIB
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if request.method != "GET":
+            return web.json_response({"success": True})
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(size // (64 * 1024)):
+                await response.write(b"y" * (64 * 1024))
+        return response
+
+    url = await serve_app(handler)
+    gateway = await make_gateway(
+        upstream={
+            "url": url,
+            "timeout_seconds": 2,
+            "connect_timeout_seconds": 0.5,
+            "max_connections": 2,
+        }
+    )
+    stalled = [await stalled_client(gateway.port, BIG_GET) for _ in range(2)]
+    try:
+        loop = asyncio.get_running_loop()
+        for sock in stalled:  # each has its answer's head, then stops reading
+            async with asyncio.timeout(5):
+                assert (await loop.sock_recv(sock, 1024)).startswith(b"HTTP/1.1 200 ")
+        stalled_at = time.monotonic()
+
+        status, took = await timed(gateway.port, wait=6)
+        assert status in (200, 502)
+        assert took < 1.5, f"an ordinary request waited {took:.2f} s for an upstream connection"
+
+        async def cut() -> bool:
+            return open_connections(gateway) == 0
+
+        await eventually(cut, "the stalled streams to be cut", 6)
+        assert time.monotonic() - stalled_at < 4
+        status, took = await timed(gateway.port, wait=6)
+        assert (status, took < 1) == (200, True)
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 # --- upstreams that declare more than they send at once ----------------------------------------
