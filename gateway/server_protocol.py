@@ -1,6 +1,11 @@
 """The public listener: HTTP/1.1 connections parsed by llhttp (through httptools), answered one
 request at a time and in order, each answer written in one piece.
 
+What a connection holds is bounded by the limits, never by the client: a connection whose
+transport is past its high-water mark (a client not reading its answers) stops reading and
+answers nothing more until the transport drains, and is cut once its output has been stuck for
+`idle_timeout_seconds`.
+
 aiohttp's server builds a request object, a payload stream, a response object and a writer for
 every request: a quarter of the gateway's CPU per request more than this. A reverse proxy with a
 buffered body needs much less: the head, the body, one write. llhttp runs in strict mode:
@@ -41,6 +46,10 @@ log = logging.getLogger("gateway.server")
 MAX_HEADERS = 128
 MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
 LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
+# Written answers wait in the outbox until the end of the loop's pass, where the transport
+# cannot see them: past this much (the transport's default high-water mark) they are handed to
+# it at once, so that it can say whether to pause.
+UNSENT_BYTES = 64 * 1024
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 _NO_BODY = frozenset({204, 304})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
@@ -102,9 +111,11 @@ class HttpConnection(asyncio.Protocol):
         self._upgraded = False  # the client asked to switch protocols: answered, then closed
         self._closed = False
         self._lingering: asyncio.TimerHandle | None = None
-        self._write_paused = False
+        self._unsent = 0  # bytes written since this connection last flushed its outbox
         self._drained: asyncio.Future[None] | None = None
         self.idle_since: float | None = self._loop.time()  # None while a request is answered
+        # Since when the transport has been past its high-water mark, None while it takes writes.
+        self.stalled_since: float | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -155,11 +166,16 @@ class HttpConnection(asyncio.Protocol):
         self._server.connections.discard(self)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        # The client is not taking its answers: read no more requests from it until it does
+        # (while lingering, what it sends is only dropped).
+        self.stalled_since = self._loop.time()
+        if self._transport is not None and self._lingering is None:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.stalled_since = None
         self._wake_writer()
+        self._resume_reading()
 
     # --- llhttp callbacks ----------------------------------------------------------------------
 
@@ -246,6 +262,9 @@ class HttpConnection(asyncio.Protocol):
         while not self._closed:
             try:
                 while self._queue and not self._closed:
+                    if self.stalled_since is not None:
+                        await self._drain()  # no further answer before the client takes these
+                        continue
                     item = self._queue[0]
                     if isinstance(item, _Unparsable):
                         self._refuse_unparsable(item)
@@ -258,8 +277,7 @@ class HttpConnection(asyncio.Protocol):
                     if not self._respond(item, response):
                         self._finish()
                         return
-                    if self._transport is not None and len(self._queue) < MAX_QUEUED:
-                        self._transport.resume_reading()
+                    self._resume_reading()
             finally:
                 self._serving = False
             if not self._reading:
@@ -269,6 +287,29 @@ class HttpConnection(asyncio.Protocol):
             self.idle_since = self._loop.time()
             self._arrival = self._loop.create_future()
             await self._arrival
+
+    def _resume_reading(self) -> None:
+        """Reads again, unless the queue is full or the client is not taking its answers."""
+        if (
+            self._transport is not None
+            and self.stalled_since is None
+            and len(self._queue) < MAX_QUEUED
+        ):
+            self._transport.resume_reading()
+
+    async def _drain(self, deadline: float | None = None) -> bool:
+        """Waits until the transport takes writes again or the connection is lost; False when
+        `deadline` (loop time) comes first."""
+        self._drained = drained = self._loop.create_future()
+        if deadline is None:
+            await drained
+            return True
+        try:
+            async with asyncio.timeout_at(deadline):
+                await drained
+        except TimeoutError:
+            return False
+        return True
 
     @staticmethod
     def _internal_error() -> Response:
@@ -380,7 +421,7 @@ class HttpConnection(asyncio.Protocol):
                 # it holds the bytes, and meanwhile the upstream's buffer (up to 4 MiB) would
                 # be poured into the client's.
                 self._outbox.flush(self._transport)
-            if self._write_paused and not await self._drain(deadline):
+            if self.stalled_since is not None and not await self._drain(deadline):
                 response.close = True
                 self.abort()
                 return
@@ -403,17 +444,12 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self._closed:
             self._outbox.write(self._transport, data)
-
-    async def _drain(self, deadline: float) -> bool:
-        """Waits until the transport takes writes again or the connection is lost; False when
-        `deadline` (loop time) comes first."""
-        self._drained = drained = self._loop.create_future()
-        try:
-            async with asyncio.timeout_at(deadline):
-                await drained
-        except TimeoutError:
-            return False
-        return True
+            self._unsent += len(data)
+            if self._unsent > UNSENT_BYTES:
+                # Counted since the last flush of ours, not the outbox's end of pass: at worst
+                # one answer in UNSENT_BYTES is sent a pass early.
+                self._unsent = 0
+                self._outbox.flush(self._transport)
 
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None
@@ -445,7 +481,7 @@ class HttpConnection(asyncio.Protocol):
 
 
 class HttpServer:
-    """The listening socket, its connections, and the timer that closes idle ones."""
+    """The listening socket, its connections, and the timer that closes idle and stalled ones."""
 
     def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
         self.handler = handler
@@ -460,15 +496,18 @@ class HttpServer:
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Closes connections without a complete request head for `idle_timeout_seconds`: idle
-        keep-alive and slow heads alike. One timer for all of them, not one per request."""
+        """Closes connections without a complete request head for `idle_timeout_seconds` (idle
+        keep-alive and slow heads alike), and cuts those whose client has taken none of their
+        output for as long. One timer for all of them, not one per request."""
         while True:
             timeout = self.handler.limits.idle_timeout_seconds
             await asyncio.sleep(min(1.0, timeout / 4))
             horizon = self.loop.time() - timeout
             for connection in list(self.connections):
-                since = connection.idle_since
-                if since is not None and since < horizon:
+                stalled, idle = connection.stalled_since, connection.idle_since
+                if stalled is not None and stalled < horizon:
+                    connection.abort()  # closing would wait for the client to read first
+                elif idle is not None and idle < horizon:
                     connection.close()
 
     async def close(self, grace_seconds: float) -> None:

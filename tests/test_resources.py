@@ -1,5 +1,5 @@
 """Memory and upstream connections stay bounded whatever the clients and the upstream do:
-clients that stop reading streamed answers, upstreams that declare huge chunks.
+clients that never read, upstreams that declare huge chunks.
 
 Every test runs the real gateway on loopback against a real upstream the test starts, and
 measures what an attacker could grow: the process's resident memory (VmRSS), how long an
@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.conftest import GatewayFactory, Handler, RunningGateway, eventually, raw_request
+from tests.conftest import (
+    GatewayFactory,
+    Handler,
+    RunningGateway,
+    eventually,
+    raw_request,
+)
 
 MIB = 1 << 20
 EVENTS = "/track/v2/projects/app/customers/events"
@@ -87,6 +93,78 @@ def open_connections(gateway: RunningGateway) -> int:
     public = gateway.server._public
     assert public is not None
     return len(public.connections)
+
+
+# --- clients that never read -------------------------------------------------------------------
+
+BIG_ANSWER = b"x" * (512 * 1024)  # under the upstream buffer: relayed whole, with a length
+
+
+@pytest.fixture
+async def big_answers(
+    serve_app: Callable[[Handler], Awaitable[str]],
+) -> tuple[str, list[int]]:
+    """An upstream answering GETs with 512 KiB, anything else with a small JSON; counts GETs."""
+    served = [0]
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        if request.method == "GET":
+            served[0] += 1
+            return web.Response(body=BIG_ANSWER, content_type="application/octet-stream")
+        return web.json_response({"success": True})
+
+    return await serve_app(handler), served
+
+
+async def test_pipelined_answers_for_a_client_that_never_reads_are_held_back(
+    make_gateway: GatewayFactory, big_answers: tuple[str, list[int]]
+) -> None:
+    """512 pipelined GETs (32 KB sent) for 512 KiB answers each, never read: the gateway stops
+    answering once the connection's output is past its high-water mark, instead of holding
+    256 MiB for one client."""
+    url, served = big_answers
+    gateway = await make_gateway(upstream={"url": url, "timeout_seconds": 10})
+    count = 512
+    baseline = settled_rss()
+    sock = await stalled_client(gateway.port, BIG_GET * count)
+    try:
+        growth = await peak_growth(baseline, lambda: served[0] >= count, seconds=3)
+        status, took = await timed(gateway.port)
+        growth = max(growth, rss() - baseline)
+        assert growth < 30 * MIB, f"RSS +{growth / MIB:.0f} MiB for {served[0]} answers unread"
+        assert served[0] < count
+        assert status == 200
+        assert took < 1, f"an ordinary request took {took:.2f} s"
+    finally:
+        sock.close()
+
+
+async def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(
+    make_gateway: GatewayFactory, big_answers: tuple[str, list[int]]
+) -> None:
+    url, served = big_answers
+    gateway = await make_gateway(
+        upstream={"url": url, "timeout_seconds": 10}, limits={"idle_timeout_seconds": 1}
+    )
+    sock = await stalled_client(gateway.port, BIG_GET * 16)
+    try:
+
+        async def answering() -> bool:
+            return served[0] > 0
+
+        await eventually(answering, "the gateway to start answering", 5)
+        started = time.monotonic()
+
+        async def cut() -> bool:
+            return open_connections(gateway) == 0
+
+        await eventually(cut, "the stalled connection to be closed", 5)
+        assert time.monotonic() - started < 4
+        status, took = await timed(gateway.port)
+        assert (status, took < 1) == (200, True)
+    finally:
+        sock.close()
 
 
 # --- streamed answers that a client stops reading ----------------------------------------------
