@@ -4,7 +4,7 @@ request at a time and in order, each answer written in one piece.
 What a connection holds is bounded by the limits, never by the client: a connection whose
 transport is past its high-water mark (a client not reading its answers) stops reading and
 answers nothing more until the transport drains, and is cut once its output has been stuck for
-`idle_timeout_seconds`.
+`idle_timeout_seconds`. Past `max_client_connections` a new connection is closed at once.
 
 aiohttp's server builds a request object, a payload stream, a response object and a writer for
 every request: a quarter of the gateway's CPU per request more than this. A reverse proxy with a
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import socket
 import struct
 from collections import deque
@@ -38,8 +40,10 @@ from gateway.messages import (
     header_lines,
     new_request_id,
 )
+from gateway.metrics import Metrics, Tally
 from gateway.outbox import Outbox
 from gateway.reasons import Reason
+from gateway.tasks import spawn
 
 log = logging.getLogger("gateway.server")
 
@@ -50,6 +54,9 @@ LINGER_SECONDS = 2.0  # after the last answer, how long what the client still se
 # cannot see them: past this much (the transport's default high-water mark) they are handed to
 # it at once, so that it can say whether to pause.
 UNSENT_BYTES = 64 * 1024
+ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
+ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (out of descriptors): the backlog waits
+LOG_INTERVAL_SECONDS = 1.0  # refused connections are each counted, but logged at most this often
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 _NO_BODY = frozenset({204, 304})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
@@ -122,13 +129,20 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        server = self._server
+        if len(server.connections) >= self._handler.limits.max_client_connections:
+            self._closed = True  # nothing is read, and connection_lost has nothing to undo
+            self._transport.close()
+            server.refused_past_limit()
+            return
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
+        server.connections.add(self)
+        server.counted()
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -164,6 +178,7 @@ class HttpConnection(asyncio.Protocol):
         self._wake_writer()
         self._wake_server()  # it sees the connection closed and ends
         self._server.connections.discard(self)
+        self._server.counted()
 
     def pause_writing(self) -> None:
         # The client is not taking its answers: read no more requests from it until it does
@@ -480,20 +495,101 @@ class HttpConnection(asyncio.Protocol):
         return not self._serving and not self._queue
 
 
+def _error_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+class _Refusals:
+    """Connections refused for one reason: every one counted, logged at most once a second (a
+    flood of them must not flood the log as well); `count` says how many since the last line."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tally: Tally, message: str) -> None:
+        self._loop = loop
+        self._tally = tally
+        self._message = message
+        self._unlogged = 0
+        self._next_log = -math.inf
+
+    def note(self, **fields: object) -> None:
+        self._tally.inc()
+        self._unlogged += 1
+        now = self._loop.time()
+        if now >= self._next_log:
+            self._next_log = now + LOG_INTERVAL_SECONDS
+            log.warning(self._message, extra={"fields": {**fields, "count": self._unlogged}})
+            self._unlogged = 0
+
+
 class HttpServer:
     """The listening socket, its connections, and the timer that closes idle and stalled ones."""
 
-    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        loop: asyncio.AbstractEventLoop,
+        outbox: Outbox,
+        metrics: Metrics,
+    ) -> None:
         self.handler = handler
         self.loop = loop
         self.outbox = outbox
         self.connections: set[HttpConnection] = set()
-        self._server: asyncio.Server | None = None
+        self._metrics = metrics
+        self._listener: socket.socket | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        refused = metrics.connections_refused_by
+        self._past_limit = _Refusals(loop, refused["limit"], "client connection refused")
+        self._accept_failed = _Refusals(
+            loop, refused["accept_error"], "accepting a connection failed"
+        )
 
     async def start(self, sock: socket.socket) -> None:
-        self._server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock)
+        # Accepted here rather than by `loop.create_server`: uvloop (libuv) meets EMFILE by
+        # accepting and resetting the waiting connections without a word; here each failure is
+        # counted and logged, and the backlog waits for descriptors to free up.
+        self._listener = sock
+        self._listen()
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def _listen(self) -> None:
+        self._retry = None
+        assert self._listener is not None
+        self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # the client left before it was accepted
+            except OSError as exc:
+                # Out of descriptors or memory: the listening socket stays readable, so
+                # accepting pauses for a moment instead of spinning the loop.
+                self._accept_failed.note(error=_error_name(exc))
+                self.loop.remove_reader(listener.fileno())
+                self._retry = self.loop.call_later(ACCEPT_RETRY_SECONDS, self._listen)
+                return
+            spawn(self._adopt(sock))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
+        except OSError as exc:
+            sock.close()
+            self._accept_failed.note(error=_error_name(exc))
+
+    def refused_past_limit(self) -> None:
+        limit = self.handler.limits.max_client_connections
+        self._past_limit.note(reason="limit", max_client_connections=limit)
+
+    def counted(self) -> None:
+        """`connections` changed: the gauge follows."""
+        self._metrics.open_client_connections = len(self.connections)
 
     async def _sweep(self) -> None:
         """Closes connections without a complete request head for `idle_timeout_seconds` (idle
@@ -513,8 +609,12 @@ class HttpServer:
     async def close(self, grace_seconds: float) -> None:
         """Stops accepting, closes idle connections at once, gives the others `grace_seconds`
         to finish their answers, then cuts them."""
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            if self._retry is not None:
+                self._retry.cancel()
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = self.loop.time() + grace_seconds

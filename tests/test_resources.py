@@ -1,5 +1,6 @@
-"""Memory and upstream connections stay bounded whatever the clients and the upstream do:
-clients that never read, upstreams that declare huge chunks.
+"""Memory, upstream connections and client connections stay bounded whatever the clients and
+the upstream do: clients that never read, upstreams that declare huge chunks, more clients than
+the gateway will hold, and a process out of file descriptors.
 
 Every test runs the real gateway on loopback against a real upstream the test starts, and
 measures what an attacker could grow: the process's resident memory (VmRSS), how long an
@@ -12,20 +13,33 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import json
+import logging
+import re
+import resource
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.config import ConfigError, LimitsSettings, load_settings
 from tests.conftest import (
     GatewayFactory,
     Handler,
+    KeyPair,
     RunningGateway,
+    base_config,
     eventually,
+    free_port,
     raw_request,
+    write_config,
 )
 
 MIB = 1 << 20
@@ -93,6 +107,14 @@ def open_connections(gateway: RunningGateway) -> int:
     public = gateway.server._public
     assert public is not None
     return len(public.connections)
+
+
+async def metric(gateway_admin: str, name: str) -> float:
+    """One sample of the admin /metrics (0 when it is not there)."""
+    async with aiohttp.ClientSession() as http, http.get(gateway_admin + "/metrics") as answer:
+        text = await answer.text()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 # --- clients that never read -------------------------------------------------------------------
@@ -277,3 +299,135 @@ async def test_a_huge_declared_chunk_is_read_in_bounded_pieces(
         assert sent[0] < total
     finally:
         sock.close()
+
+
+# --- more client connections than allowed ------------------------------------------------------
+
+
+def test_the_connection_limit_is_at_least_one(tmp_path: Path, key_a: KeyPair) -> None:
+    config = base_config("http://127.0.0.1:8000")
+    loaded = load_settings(write_config(tmp_path, config, {"a.pem": key_a}), env={})
+    assert loaded.settings.limits == LimitsSettings(max_client_connections=10_000)
+    config["limits"] = {"max_client_connections": 0}
+    with pytest.raises(ConfigError) as refused:
+        load_settings(write_config(tmp_path, config, {"a.pem": key_a}), env={})
+    (problem,) = [str(p) for p in refused.value.problems]
+    assert problem.startswith("limits.max_client_connections: ")
+    assert problem.endswith("(got 0)")
+
+
+async def test_connections_past_the_limit_are_closed_at_once_and_counted(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await make_gateway(limits={"max_client_connections": 5})
+    held = [await asyncio.open_connection("127.0.0.1", gateway.port) for _ in range(5)]
+    try:
+
+        async def all_open() -> bool:
+            return open_connections(gateway) == 5
+
+        await eventually(all_open, "five open connections", 5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            async with asyncio.timeout(2):
+                assert await reader.read(1) == b""  # closed before anything was sent
+        finally:
+            writer.close()
+        refused = 'gateway_connections_refused_total{reason="limit"}'
+        assert await metric(gateway.admin_url, refused) == 1
+        assert await metric(gateway.admin_url, "gateway_client_connections") == 5
+        logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [(r.name, r.getMessage()) for r in logged] == [
+            ("gateway.server", "client connection refused")
+        ]
+
+        held.pop()[1].close()
+
+        async def served() -> bool:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                return (await raw_request(gateway.port, ORDINARY, wait_seconds=2)).status == 200
+            return False
+
+        await eventually(served, "a connection under the limit to be served", 5)
+    finally:
+        for _, idle in held:
+            idle.close()
+
+
+async def test_accept_errors_are_counted_and_logged_and_serving_goes_on(
+    tmp_path: Path,
+    key_a: KeyPair,
+    key_b: KeyPair,
+    serve_app: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """`gateway run` with 64 file descriptors and 100 clients: accepting fails with EMFILE,
+    which is counted and logged; once clients leave, the waiting ones are served."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"success": True})
+
+    config = base_config(await serve_app(handler))
+    port, admin = free_port(), free_port()
+    config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}")
+    path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+    stderr = tmp_path / "stderr.log"
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with stderr.open("wb") as errors:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "-c",
+            str(path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=errors,
+            preexec_fn=few_descriptors,
+        )
+    held: list[asyncio.StreamWriter] = []
+    try:
+
+        async def ready() -> bool:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{admin}/readyz") as response,
+            ):
+                return response.status == 200
+
+        await eventually(ready, "readiness", 30)
+        held += [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(100)]
+
+        async def logged() -> bool:
+            return b"accepting a connection failed" in stderr.read_bytes()
+
+        await eventually(logged, "the accept error in the log", 10)
+        for writer in held:
+            writer.close()
+        held.clear()
+
+        async def served() -> bool:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                return (await raw_request(port, ORDINARY, wait_seconds=2)).status == 200
+            return False
+
+        await eventually(served, "serving once descriptors are free", 10)
+        name = 'gateway_connections_refused_total{reason="accept_error"}'
+        assert await metric(f"http://127.0.0.1:{admin}", name) >= 1
+        times = [
+            datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+            for line in stderr.read_text().splitlines()
+            if line.startswith("{")
+            and (record := json.loads(line))["message"] == "accepting a connection failed"
+        ]
+        assert times
+        assert all(later - earlier > timedelta(seconds=0.9) for earlier, later in pairwise(times))
+    finally:
+        for writer in held:
+            writer.close()
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
