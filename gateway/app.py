@@ -513,14 +513,20 @@ class Gateway:
         )
         return Response(answer.status, headers, answer.body, close=close)
 
-    @staticmethod
     async def _stream(
-        request: Request, exchange: Exchange, response: Response, rest: AsyncGenerator[bytes, None]
+        self,
+        request: Request,
+        exchange: Exchange,
+        response: Response,
+        rest: AsyncGenerator[bytes, None],
     ) -> None:
         """An answer past the buffer, relayed as it comes. If the upstream breaks now, the
-        client's connection is cut, so a truncated body can never look complete."""
+        client's connection is cut, so a truncated body can never look complete; so is a
+        client that stops reading for the upstream's timeout, which must not pin the upstream
+        connection."""
         try:
-            await request.channel.stream(response, rest)
+            timeout = self.config.settings.upstream.timeout_seconds
+            await request.channel.stream(response, rest, timeout)
         except (*UPSTREAM_FAILURES, TimeoutError):
             exchange.reason = Reason.UPSTREAM_BROKEN
             response.close = True

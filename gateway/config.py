@@ -186,6 +186,9 @@ class LimitsSettings(_Settings):
     # A connection without a complete request head for this long is closed: idle keep-alive
     # and slow headers (slowloris) alike. Keep it above any load balancer's idle timeout.
     idle_timeout_seconds: PositiveSeconds = 75.0
+    # Past this many open client connections (per process) a new one is closed at once: what
+    # clients hold (bodies, answers they read slowly) stays bounded. Keep it under `ulimit -n`.
+    max_client_connections: Annotated[int, Field(ge=1)] = 10_000
 
 
 class ShutdownSettings(_Settings):

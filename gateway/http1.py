@@ -22,6 +22,7 @@ from gateway.outbox import Outbox
 from gateway.reasons import Reason, Rejected
 
 MAX_HEAD_BYTES = 64 * 1024
+PIECE_BYTES = 64 * 1024  # the most of a body read (and relayed) at once, whatever was declared
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -129,6 +130,8 @@ class _Connection(asyncio.Protocol):
         return self._take(size) if len(self._buffer) >= size else None
 
     async def read_exactly(self, size: int) -> bytes:
+        """`size` bytes, at most READ_PAUSE_BYTES: reading resumes only while the buffer holds
+        less than is asked, so a larger size would buffer whatever the upstream sends."""
         while len(self._buffer) < size:
             await self._more(size)
         return self._take(size)
@@ -222,17 +225,30 @@ class ConnectionPool:
         return None
 
     async def _acquire(self) -> _Connection:
+        """A connection within `connect_timeout`: a free one when `max_connections` are open
+        (answers held by clients that stopped reading must not queue requests without end),
+        else a new one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
         while self._open >= self._max:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken just as it gave up: the turn passes to the next one
+                if isinstance(exc, TimeoutError):
+                    raise Rejected(Reason.UPSTREAM_CONNECT) from None
+                raise
             idle = self._take_idle()
             if idle is not None:
                 return idle
         self._open += 1
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                _, connection = await asyncio.get_running_loop().create_connection(
+            async with asyncio.timeout_at(deadline):
+                _, connection = await loop.create_connection(
                     lambda: _Connection(self._outbox), self._host, self._port
                 )
         except (OSError, TimeoutError):
@@ -413,7 +429,14 @@ async def _chunks(reader: _Connection) -> AsyncIterator[bytes]:
             while await reader.read_until(b"\r\n", MAX_HEAD_BYTES) != b"\r\n":  # trailers, dropped
                 pass
             return
-        yield await reader.read_exactly(size)
+        # In pieces: a declared size is only a promise, and holding a chunk whole would let
+        # the upstream fill memory with one (the read buffer stops at READ_PAUSE_BYTES).
+        while size:
+            piece = await reader.read_some(min(size, PIECE_BYTES))
+            if not piece:
+                raise UpstreamBroken("chunk shorter than its size")
+            size -= len(piece)
+            yield piece
         if await reader.read_exactly(2) != b"\r\n":
             raise UpstreamBroken("chunk end")
 
@@ -422,7 +445,7 @@ async def _body(reader: _Connection, framing: Framing) -> AsyncIterator[bytes]:
     if framing.kind == "length":
         remaining = framing.length
         while remaining:
-            piece = await reader.read_some(min(remaining, 1 << 16))
+            piece = await reader.read_some(min(remaining, PIECE_BYTES))
             if not piece:
                 raise UpstreamBroken("body shorter than Content-Length")
             remaining -= len(piece)
@@ -431,7 +454,7 @@ async def _body(reader: _Connection, framing: Framing) -> AsyncIterator[bytes]:
         async for piece in _chunks(reader):
             yield piece
     elif framing.kind == "close":
-        while piece := await reader.read_some(1 << 16):
+        while piece := await reader.read_some(PIECE_BYTES):
             yield piece
 
 

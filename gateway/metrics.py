@@ -78,6 +78,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._recorders: dict[int, Tally | Timings] = {}  # by the child's id: one each
         self.requests_in_flight = 0
+        self.open_client_connections = 0
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -168,6 +169,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.client_connections = Gauge(
+            "gateway_client_connections",
+            "Open client connections on the public listener.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused_total",
+            "Client connections closed at once: past `limits.max_client_connections` (limit), "
+            "or failing to be accepted, such as out of file descriptors (accept_error).",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "gateway_build_info",
             "The running gateway's version.",
@@ -179,6 +193,10 @@ class Metrics:
         self.upstream_error = {
             kind: self.tally(self.upstream_errors.labels(kind))
             for kind in ("connect", "timeout", "other")
+        }
+        self.connections_refused_by = {
+            reason: self.tally(self.connections_refused.labels(reason))
+            for reason in ("limit", "accept_error")
         }
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
@@ -204,6 +222,7 @@ class Metrics:
         for recorder in self._recorders.values():
             recorder.flush()
         self.in_flight.set(self.requests_in_flight)
+        self.client_connections.set(self.open_client_connections)
 
     def bind(self, routes: Iterable[str], projects: dict[str, str], keys: dict[str, list[str]],
              backend: str) -> BoundMetrics:  # fmt: skip

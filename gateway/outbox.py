@@ -10,8 +10,9 @@ the benchmark's 1,000-user workload, a quarter less CPU per request, almost all 
 
 What one transport was given during a pass is joined and sent in one `write()`, in order. A
 connection about to close or half-close calls `flush` first; one that aborts drops what it had
-(a closing transport is never written to). A streamed answer flushes each piece: only a
-transport that holds the bytes can say it is past its high-water mark and pause the stream.
+(a closing transport is never written to). A streamed answer flushes each piece, and a client
+connection flushes whenever it has written 64 KiB since its last flush: only a transport that
+holds the bytes can say it is past its high-water mark, and stop the connection's answers.
 """
 
 from __future__ import annotations

@@ -139,7 +139,9 @@ class GatewayServer:
             self._admin_socket = bind(settings.admin_listen)
         self.gateway.access_log.start()
         self._flusher = spawn(self._flush_metrics())
-        self._public = HttpServer(self.gateway, asyncio.get_running_loop(), self.outbox)
+        self._public = HttpServer(
+            self.gateway, asyncio.get_running_loop(), self.outbox, self.metrics
+        )
         await self._public.start(self._public_socket)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
         await self._admin.setup()

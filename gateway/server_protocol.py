@@ -1,6 +1,11 @@
 """The public listener: HTTP/1.1 connections parsed by llhttp (through httptools), answered one
 request at a time and in order, each answer written in one piece.
 
+What a connection holds is bounded by the limits, never by the client: a connection whose
+transport is past its high-water mark (a client not reading its answers) stops reading and
+answers nothing more until the transport drains, and is cut once its output has been stuck for
+`idle_timeout_seconds`. Past `max_client_connections` a new connection is closed at once.
+
 aiohttp's server builds a request object, a payload stream, a response object and a writer for
 every request: a quarter of the gateway's CPU per request more than this. A reverse proxy with a
 buffered body needs much less: the head, the body, one write. llhttp runs in strict mode:
@@ -12,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import math
 import socket
+import struct
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,14 +40,24 @@ from gateway.messages import (
     header_lines,
     new_request_id,
 )
+from gateway.metrics import Metrics, Tally
 from gateway.outbox import Outbox
 from gateway.reasons import Reason
+from gateway.tasks import spawn
 
 log = logging.getLogger("gateway.server")
 
 MAX_HEADERS = 128
 MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
 LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
+# Written answers wait in the outbox until the end of the loop's pass, where the transport
+# cannot see them: past this much (the transport's default high-water mark) they are handed to
+# it at once, so that it can say whether to pause.
+UNSENT_BYTES = 64 * 1024
+ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
+ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (out of descriptors): the backlog waits
+LOG_INTERVAL_SECONDS = 1.0  # refused connections are each counted, but logged at most this often
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 _NO_BODY = frozenset({204, 304})
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
 
@@ -100,22 +118,31 @@ class HttpConnection(asyncio.Protocol):
         self._upgraded = False  # the client asked to switch protocols: answered, then closed
         self._closed = False
         self._lingering: asyncio.TimerHandle | None = None
-        self._write_paused = False
+        self._unsent = 0  # bytes written since this connection last flushed its outbox
         self._drained: asyncio.Future[None] | None = None
         self.idle_since: float | None = self._loop.time()  # None while a request is answered
+        # Since when the transport has been past its high-water mark, None while it takes writes.
+        self.stalled_since: float | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        server = self._server
+        if len(server.connections) >= self._handler.limits.max_client_connections:
+            self._closed = True  # nothing is read, and connection_lost has nothing to undo
+            self._transport.close()
+            server.refused_past_limit()
+            return
         peer = transport.get_extra_info("peername")
         self._remote = peer[0] if isinstance(peer, tuple) else None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._server.connections.add(self)
+        server.connections.add(self)
+        server.counted()
 
     def data_received(self, data: bytes) -> None:
         if not self._reading:
@@ -151,13 +178,19 @@ class HttpConnection(asyncio.Protocol):
         self._wake_writer()
         self._wake_server()  # it sees the connection closed and ends
         self._server.connections.discard(self)
+        self._server.counted()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        # The client is not taking its answers: read no more requests from it until it does
+        # (while lingering, what it sends is only dropped).
+        self.stalled_since = self._loop.time()
+        if self._transport is not None and self._lingering is None:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
+        self.stalled_since = None
         self._wake_writer()
+        self._resume_reading()
 
     # --- llhttp callbacks ----------------------------------------------------------------------
 
@@ -244,6 +277,9 @@ class HttpConnection(asyncio.Protocol):
         while not self._closed:
             try:
                 while self._queue and not self._closed:
+                    if self.stalled_since is not None:
+                        await self._drain()  # no further answer before the client takes these
+                        continue
                     item = self._queue[0]
                     if isinstance(item, _Unparsable):
                         self._refuse_unparsable(item)
@@ -256,8 +292,7 @@ class HttpConnection(asyncio.Protocol):
                     if not self._respond(item, response):
                         self._finish()
                         return
-                    if self._transport is not None and len(self._queue) < MAX_QUEUED:
-                        self._transport.resume_reading()
+                    self._resume_reading()
             finally:
                 self._serving = False
             if not self._reading:
@@ -267,6 +302,29 @@ class HttpConnection(asyncio.Protocol):
             self.idle_since = self._loop.time()
             self._arrival = self._loop.create_future()
             await self._arrival
+
+    def _resume_reading(self) -> None:
+        """Reads again, unless the queue is full or the client is not taking its answers."""
+        if (
+            self._transport is not None
+            and self.stalled_since is None
+            and len(self._queue) < MAX_QUEUED
+        ):
+            self._transport.resume_reading()
+
+    async def _drain(self, deadline: float | None = None) -> bool:
+        """Waits until the transport takes writes again or the connection is lost; False when
+        `deadline` (loop time) comes first."""
+        self._drained = drained = self._loop.create_future()
+        if deadline is None:
+            await drained
+            return True
+        try:
+            async with asyncio.timeout_at(deadline):
+                await drained
+        except TimeoutError:
+            return False
+        return True
 
     @staticmethod
     def _internal_error() -> Response:
@@ -342,9 +400,15 @@ class HttpConnection(asyncio.Protocol):
     def send_continue(self) -> None:
         self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    async def stream(self, response: Response, rest: AsyncIterator[bytes]) -> None:
+    async def stream(
+        self, response: Response, rest: AsyncIterator[bytes], within_seconds: float
+    ) -> None:
         """Writes an answer whose body is still arriving from the upstream: chunked for HTTP/1.1,
-        delimited by closing the connection for HTTP/1.0. Exceptions from `rest` propagate."""
+        delimited by closing the connection for HTTP/1.0. Exceptions from `rest` propagate.
+
+        A client that stops taking the answer is cut once `within_seconds` have passed: what
+        `rest` holds (an upstream connection) is not held for it without end."""
+        deadline = self._loop.time() + within_seconds
         request = self._queue[0]
         assert isinstance(request, Request)
         chunked = request.version == "1.1"
@@ -372,15 +436,22 @@ class HttpConnection(asyncio.Protocol):
                 # it holds the bytes, and meanwhile the upstream's buffer (up to 4 MiB) would
                 # be poured into the client's.
                 self._outbox.flush(self._transport)
-            if self._write_paused:
-                self._drained = self._loop.create_future()
-                await self._drained
+            if self.stalled_since is not None and not await self._drain(deadline):
+                response.close = True
+                self.abort()
+                return
         if chunked:
             self.write(b"0\r\n\r\n")
 
     def abort(self) -> None:
-        """Cut the connection: an answer broken midway must never look complete."""
+        """Cut the connection with a reset: an answer broken midway must never look complete
+        (a FIN would end an HTTP/1.0 body as if whole), and what a client that reads nothing
+        was sent must not stay queued in the kernel behind a FIN it never takes."""
         if self._transport is not None:
+            sock = self._transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             self._transport.abort()
 
     # --- writing and closing -------------------------------------------------------------------
@@ -388,6 +459,12 @@ class HttpConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self._transport is not None and not self._closed:
             self._outbox.write(self._transport, data)
+            self._unsent += len(data)
+            if self._unsent > UNSENT_BYTES:
+                # Counted since the last flush of ours, not the outbox's end of pass: at worst
+                # one answer in UNSENT_BYTES is sent a pass early.
+                self._unsent = 0
+                self._outbox.flush(self._transport)
 
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None
@@ -418,38 +495,126 @@ class HttpConnection(asyncio.Protocol):
         return not self._serving and not self._queue
 
 
-class HttpServer:
-    """The listening socket, its connections, and the timer that closes idle ones."""
+def _error_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
 
-    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop, outbox: Outbox) -> None:
+
+class _Refusals:
+    """Connections refused for one reason: every one counted, logged at most once a second (a
+    flood of them must not flood the log as well); `count` says how many since the last line."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tally: Tally, message: str) -> None:
+        self._loop = loop
+        self._tally = tally
+        self._message = message
+        self._unlogged = 0
+        self._next_log = -math.inf
+
+    def note(self, **fields: object) -> None:
+        self._tally.inc()
+        self._unlogged += 1
+        now = self._loop.time()
+        if now >= self._next_log:
+            self._next_log = now + LOG_INTERVAL_SECONDS
+            log.warning(self._message, extra={"fields": {**fields, "count": self._unlogged}})
+            self._unlogged = 0
+
+
+class HttpServer:
+    """The listening socket, its connections, and the timer that closes idle and stalled ones."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        loop: asyncio.AbstractEventLoop,
+        outbox: Outbox,
+        metrics: Metrics,
+    ) -> None:
         self.handler = handler
         self.loop = loop
         self.outbox = outbox
         self.connections: set[HttpConnection] = set()
-        self._server: asyncio.Server | None = None
+        self._metrics = metrics
+        self._listener: socket.socket | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        refused = metrics.connections_refused_by
+        self._past_limit = _Refusals(loop, refused["limit"], "client connection refused")
+        self._accept_failed = _Refusals(
+            loop, refused["accept_error"], "accepting a connection failed"
+        )
 
     async def start(self, sock: socket.socket) -> None:
-        self._server = await self.loop.create_server(lambda: HttpConnection(self), sock=sock)
+        # Accepted here rather than by `loop.create_server`: uvloop (libuv) meets EMFILE by
+        # accepting and resetting the waiting connections without a word; here each failure is
+        # counted and logged, and the backlog waits for descriptors to free up.
+        self._listener = sock
+        self._listen()
         self._sweeper = self.loop.create_task(self._sweep())
 
+    def _listen(self) -> None:
+        self._retry = None
+        assert self._listener is not None
+        self.loop.add_reader(self._listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # the client left before it was accepted
+            except OSError as exc:
+                # Out of descriptors or memory: the listening socket stays readable, so
+                # accepting pauses for a moment instead of spinning the loop.
+                self._accept_failed.note(error=_error_name(exc))
+                self.loop.remove_reader(listener.fileno())
+                self._retry = self.loop.call_later(ACCEPT_RETRY_SECONDS, self._listen)
+                return
+            spawn(self._adopt(sock))
+
+    async def _adopt(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
+        except OSError as exc:
+            sock.close()
+            self._accept_failed.note(error=_error_name(exc))
+
+    def refused_past_limit(self) -> None:
+        limit = self.handler.limits.max_client_connections
+        self._past_limit.note(reason="limit", max_client_connections=limit)
+
+    def counted(self) -> None:
+        """`connections` changed: the gauge follows."""
+        self._metrics.open_client_connections = len(self.connections)
+
     async def _sweep(self) -> None:
-        """Closes connections without a complete request head for `idle_timeout_seconds`: idle
-        keep-alive and slow heads alike. One timer for all of them, not one per request."""
+        """Closes connections without a complete request head for `idle_timeout_seconds` (idle
+        keep-alive and slow heads alike), and cuts those whose client has taken none of their
+        output for as long. One timer for all of them, not one per request."""
         while True:
             timeout = self.handler.limits.idle_timeout_seconds
             await asyncio.sleep(min(1.0, timeout / 4))
             horizon = self.loop.time() - timeout
             for connection in list(self.connections):
-                since = connection.idle_since
-                if since is not None and since < horizon:
+                stalled, idle = connection.stalled_since, connection.idle_since
+                if stalled is not None and stalled < horizon:
+                    connection.abort()  # closing would wait for the client to read first
+                elif idle is not None and idle < horizon:
                     connection.close()
 
     async def close(self, grace_seconds: float) -> None:
         """Stops accepting, closes idle connections at once, gives the others `grace_seconds`
         to finish their answers, then cuts them."""
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            if self._retry is not None:
+                self._retry.cancel()
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         if self._sweeper is not None:
             self._sweeper.cancel()
         deadline = self.loop.time() + grace_seconds
