@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.extract import Walked, walk_all
 from gateway.jsonstrict import JSONRejected, loads_strict
 from gateway.memo import BoundedMemo
 from gateway.reasons import Reason, Rejected
@@ -119,13 +121,18 @@ class JsonBody:
     encoding_refused: Reason | None = None  # media type, coding or size: 413/415/400
     parse_refused: Reason | None = None  # not one strict JSON document: 400
     document: Any = NOT_READ
+    walked: Walked | None = None  # what the route's JSON paths hold, when walked ahead
 
 
 def read_json_body(
-    body: bytes, content_types: list[str], content_encodings: list[str], max_decompressed: int
+    body: bytes,
+    content_types: list[str],
+    content_encodings: list[str],
+    max_decompressed: int,
+    walk: Sequence[tuple[str | None, ...]] = (),
 ) -> JsonBody:
-    """Check the media type, decode the content coding, parse the JSON: no I/O, so it can run
-    on a worker thread."""
+    """Check the media type, decode the content coding, parse the JSON and walk it to the
+    paths in `walk`: no I/O, so it can run on a worker thread."""
     try:
         check_media_type(content_types)
         coding = content_coding(content_encodings)
@@ -137,6 +144,7 @@ def read_json_body(
     if not body:
         return JsonBody(body, decoded)
     try:
-        return JsonBody(body, decoded, document=parse_json_body(body))
+        document = parse_json_body(body)
     except Rejected as refused:
         return JsonBody(body, decoded, parse_refused=refused.reason)
+    return JsonBody(body, decoded, document=document, walked=walk_all(document, walk) or None)

@@ -195,6 +195,21 @@ def identity_text(value: Any) -> str:
     return value
 
 
+# What `walk_json` found at each JSON path, or the reason it refused: for a large body the walk
+# runs on a worker thread beside the parsing, and extraction reads its results.
+Walked = dict[tuple[str | None, ...], "list[Any] | Reason"]
+
+
+def walk_all(document: Any, paths: Sequence[tuple[str | None, ...]]) -> Walked:
+    walked: Walked = {}
+    for steps in paths:
+        try:
+            walked[steps] = walk_json(document, steps)
+        except Rejected as refused:
+            walked[steps] = refused.reason
+    return walked
+
+
 @dataclass(slots=True)
 class RequestParts:
     """What extraction reads: the watched headers, the query (when a source needs it), the body."""
@@ -202,6 +217,7 @@ class RequestParts:
     headers: dict[str, list[str]]
     query: dict[str, list[str]]
     body: Any = _ABSENT  # the parsed JSON document, when the route reads one
+    walked: Walked | None = None  # `walk_all` of the body, when it was done ahead
 
 
 def _single_header(parts: RequestParts, name: str) -> str | None:
@@ -241,6 +257,10 @@ def values_at(source: Source, parts: RequestParts) -> list[Any]:
         return [] if value is None else [value]
     if parts.body is _ABSENT:
         return []
+    if parts.walked is not None and (found := parts.walked.get(source.steps)) is not None:
+        if isinstance(found, Reason):
+            raise Rejected(found)
+        return found
     return walk_json(parts.body, source.steps)
 
 

@@ -58,6 +58,7 @@ class Route:
     error_format: ErrorFormat
     cors: CorsPolicy | None
     reads_json: bool = field(init=False)
+    json_paths: tuple[tuple[str | None, ...], ...] = field(init=False)  # steps of json sources
     reads_query: bool = field(init=False)
     watched_headers: frozenset[str] = field(init=False)
     # What `forward_token: false` strips: whole headers, scheme-matched values, query parameters.
@@ -70,6 +71,8 @@ class Route:
         sources = (*self.identity, *self.token, *self.session)
         set_ = object.__setattr__
         set_(self, "reads_json", any(isinstance(s, JsonSource) for s in sources))
+        paths = dict.fromkeys(s.steps for s in sources if isinstance(s, JsonSource))
+        set_(self, "json_paths", tuple(paths))
         set_(self, "reads_query", any(isinstance(s, QuerySource) for s in sources))
         watched = {s.name for s in sources if isinstance(s, HeaderSource)}
         if self.api_key:
