@@ -1,4 +1,4 @@
-"""The admin listener (SPEC §6): health, readiness and reload; never on the public port."""
+"""The admin listener: health, readiness and reload; never on the public port."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""YAML → typed, validated, frozen settings (SPEC §3).
+"""YAML → typed, validated, frozen settings (docs/configuration.md).
 
 Three passes, each reporting every problem it finds with its YAML path: the YAML itself (with
 duplicate keys refused), `${NAME}` substitution in string values, then the typed schema. What

@@ -1,4 +1,4 @@
-"""CORS for web SDKs (SPEC §5): preflights answered without auth, and every answer to a listed
+"""CORS for web SDKs: preflights answered without auth, and every answer to a listed
 origin — the gateway's own errors included, so a browser SDK can read `token_expired` — carries
 the headers that let the page see it."""
 

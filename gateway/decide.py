@@ -1,4 +1,4 @@
-"""Mode + extraction + verification → one decision (SPEC §4).
+"""Mode + extraction + verification → one decision.
 
 `authenticate` runs the sdk_jwt checks in the contract's order and raises `Rejected` at the
 first failure; `Attempt` keeps what was learnt on the way, because a token failure is counted

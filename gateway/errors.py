@@ -1,4 +1,4 @@
-"""The contract's JSON answers (SPEC §5), rendered from the reason table.
+"""The gateway's own JSON answers, rendered from the reason table.
 
 Bodies are assembled from pre-encoded parts: only the request id varies, and it is either one we
 made or one that matched `[A-Za-z0-9._:-]{1,128}`, so it needs no escaping.

@@ -1,4 +1,4 @@
-"""Identity, token and session from a request's headers, query and JSON body (SPEC §4).
+"""Identity, token and session from a request's headers, query and JSON body.
 
 Every configured place is read, and a place that could be read two ways is refused: a header
 sent twice (or once as `X-User-Id` and once as `X_User_Id`, which CGI-style servers merge), a

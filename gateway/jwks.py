@@ -168,7 +168,7 @@ class JwksRefresher:
 
     @property
     def ready(self) -> bool:
-        """Every JWKS URL has been fetched once (SPEC §6 readiness)."""
+        """Every JWKS URL has been fetched once (readiness waits for it)."""
         return all(keys.fetched_once for keys in self._watched.values())
 
     def watch(self, projects: dict[str, ProjectKeys]) -> None:

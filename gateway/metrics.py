@@ -1,4 +1,4 @@
-"""Every metric in one place (SPEC §6), with children bound once per config.
+"""Every metric in one place, with children bound once per config.
 
 Label values are bounded: routes and projects come from the config (`_none` for requests no route
 matched, `_other` for projects not listed), codes and decisions from closed enums, statuses from

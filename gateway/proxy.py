@@ -1,4 +1,4 @@
-"""Forwarding to the tracking API and relaying its answer unchanged (SPEC §5).
+"""Forwarding to the tracking API and relaying its answer unchanged.
 
 One pooled client session for the process. An upstream that cannot be reached, times out or
 breaks mid-answer is a 502/504 from us, never a 2xx: the SDK keeps its batch and retries.

@@ -19,7 +19,7 @@ class ErrorSpec:
 
 
 class Code(Enum):
-    """SPEC §5 error codes; the value is the status and the fixed parts of the answer."""
+    """The error codes SDKs read; the value is the status and the fixed parts of the answer."""
 
     BAD_REQUEST = ErrorSpec(400, "The request is malformed or ambiguous.")
     TOKEN_NOT_PROVIDED = ErrorSpec(
@@ -56,7 +56,7 @@ class Code(Enum):
 
     @property
     def counts_for_session(self) -> bool:
-        """Only token failures move a session's counter (SPEC §4)."""
+        """Only token failures move a session's counter."""
         return self.name.startswith("TOKEN_")
 
 

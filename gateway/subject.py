@@ -1,6 +1,6 @@
 """How a project's tokens name their user, and how a request's identity is compared with it.
 
-Three shapes (SPEC §3 `subject.format`):
+Three shapes (`subject.format`):
 
 - `key_value` (MoEngage): `{"key": <key>, "value": <user id>}`;
 - `string` (Braze): the claim is the user id;

@@ -1,6 +1,6 @@
 """The only place a JWT is parsed and checked, and the cache of tokens that passed.
 
-Checks run in the contract's order (SPEC §4): structure and header, key selection, signature,
+Checks run in a fixed order: structure and header, key selection, signature,
 then claims and subject, so `TOKEN_EXPIRED` is only ever said of a token whose signature
 verified. Header fields that name a key (`jku`, `x5u`, `jwk`, `x5c`) are never read.
 """

@@ -52,7 +52,6 @@ class Worker:
     port_file: Path
     process: asyncio.subprocess.Process | None = None
     started: float = 0.0
-    restarts: int = 0
 
     def admin_port(self) -> int | None:
         try:
@@ -113,7 +112,6 @@ class Supervisor:
             wait = RESTART_BACKOFF_SECONDS - (time.monotonic() - worker.started)
             if wait > 0:
                 await asyncio.sleep(wait)
-            worker.restarts += 1
             await self.start_worker(worker)
 
     def signal_workers(self, signum: int) -> None:

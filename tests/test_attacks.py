@@ -4,7 +4,7 @@ These complement tests/test_hostile.py (which already covers the basic smuggling
 path forms against the test config, duplicate keys at a few depths, malformed identities and
 the gzip bomb) and tests/test_decisions.py / tests/test_vendors.py (the common bad tokens and the
 HS256-with-the-RSA-PEM confusion). Each test sends its trick and checks both the answer (the
-contract's JSON, SPEC §5) and what reached the upstream (usually nothing). Bounds on time are
+gateway's JSON error) and what reached the upstream (usually nothing). Bounds on time are
 measured against deadlines, never slept for.
 """
 
@@ -109,7 +109,7 @@ async def read_answers(port: int, data: bytes, count: int, wait: float = 5) -> l
 
 
 def error_of(answer: RawResponse) -> dict[str, Any]:
-    """The contract's JSON error, either shape (SPEC §5); fails on anything else."""
+    """The contract's JSON error, either shape; fails on anything else."""
     assert answer.headers["content-type"] == "application/json", (answer.status, answer.body)
     body = json.loads(answer.body)
     assert next(iter(body)) == "token_expired"
@@ -891,7 +891,7 @@ async def test_kid_with_path_sql_nul_or_huge_value_is_unknown_and_never_echoed(
     gateway = await make_gateway(limits={"max_token_bytes": 65_536})
     answer = await post_token(gateway, tokens.mint(tokens.claims(), headers={"kid": kid}))
     assert_token_rejected(answer, "kid_unknown")
-    # Neither the answer nor the access log repeats the kid (SPEC §5: no request input).
+    # Neither the answer nor the access log repeats the kid (no request input is echoed).
     logged = json.dumps(await access_log(gateway, 1))
     for text in (answer.body.decode(), logged):
         assert json.dumps(kid)[1:-1] not in text

@@ -1,4 +1,4 @@
-"""SPEC §3: loading, substitution and validation, with every message pinned by an anchored regex.
+"""Config: loading, substitution and validation, with every message pinned by an anchored regex.
 
 Each test writes YAML to `tmp_path`, loads it with an explicit environment, compiles it, and
 compares the problem strings (`path: message`) against patterns that must match them whole.

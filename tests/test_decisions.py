@@ -1,4 +1,4 @@
-"""SPEC §4's decision table, row by row, through real HTTP to a real upstream."""
+"""The decision table, row by row, through real HTTP to a real upstream."""
 
 from __future__ import annotations
 

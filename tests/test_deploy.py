@@ -45,7 +45,7 @@ PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 KUBERNETES = DEPLOY / "kubernetes"
 
-# SPEC §6 plus the extras the gateway exports: name → Prometheus type.
+# The documented metrics plus the extras the gateway exports: name → Prometheus type.
 METRICS = {
     "gateway_requests_total": "counter",
     "gateway_auth_decisions_total": "counter",

@@ -1,9 +1,11 @@
 """The documentation stays in step with the code: every key of the config model is described
-in docs/configuration.md."""
+in docs/configuration.md, and nothing in the repository points outside it or talks about how it
+was written instead of what it is."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 import types
 import typing
 from pathlib import Path
@@ -12,7 +14,22 @@ from pydantic import BaseModel
 
 from gateway.config import Settings
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+# A file outside the repository, the internal name of the product contract, or the history of
+# the work: none of it means anything to a user. (Assembled, so this file does not match.)
+INTERNAL_REFERENCE = re.compile(
+    "|".join(
+        (
+            r"\.\./" + "shared",
+            r"\b" + "SP" + r"EC\b",
+            r"(?i:\b(?:earlier|previous|next|last) " + r"sessions?\b)",
+            r"(?i:\bsessions? " + r"ago\b)",
+        )
+    )
+)
+
+
 # `defaults` has the keys of a project: documented once, as projects.<id>.*
 SAME_AS = {"defaults": "projects.<id>"}
 
@@ -52,3 +69,24 @@ def test_every_config_key_is_in_the_configuration_reference() -> None:
     assert len(keys) > 60  # the walk found the nested models
     missing = sorted(keys - documented)
     assert not missing, f"docs/configuration.md does not describe: {missing}"
+
+
+def test_nothing_in_the_repository_points_outside_it_or_at_how_it_was_made() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    found = []
+    for name in filter(None, tracked):
+        path = ROOT / name.decode()
+        if not path.is_file() or path.suffix in {".pem", ".png", ".gz"}:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        found += [
+            f"{name.decode()}:{number}: {line.strip()}"
+            for number, line in enumerate(text.splitlines(), 1)
+            if INTERNAL_REFERENCE.search(line)
+        ]
+    assert not found, "\n".join(found)

@@ -9,7 +9,7 @@ clients give up. Redis is a real `redis-server` stopped, SIGSTOPped and flapped;
 `gateway run` process is reloaded and has its workers SIGKILLed; all under a bounded, paced,
 concurrent load (8 clients) of anonymous, valid-token and refused requests.
 
-For each fault the accounting must hold (SPEC §5 "Nothing accepted is lost"):
+For each fault the accounting must hold ("nothing accepted is lost"):
 
 (a) every request the client saw as 2xx reached the upstream exactly once and was accepted there,
     and the body relayed is the upstream's answer for that very request;
@@ -363,7 +363,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
 
 
-# What each status may carry when the gateway answers itself (SPEC §5).
+# What each status may carry when the gateway answers itself.
 GATEWAY_CODES = {
     401: {"TOKEN_NOT_PROVIDED", "TOKEN_EXPIRED", "TOKEN_REJECTED"},
     429: {"AUTH_FAILURE_LIMIT"},

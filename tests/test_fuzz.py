@@ -1251,7 +1251,7 @@ def assert_compiles_or_lists_problems(
 
 # --- end to end, through real HTTP ---------------------------------------------------------------
 
-SPEC_CODES = {
+CONTRACT_CODES = {
     "BAD_REQUEST": 400,
     "TOKEN_NOT_PROVIDED": 401,
     "TOKEN_EXPIRED": 401,
@@ -1410,7 +1410,7 @@ def assert_contract_error(status: int, headers: dict[str, str], body: bytes) -> 
     answer = json.loads(body)
     assert next(iter(answer)) == "token_expired"
     code = answer["error"]["code"]
-    assert SPEC_CODES.get(code) == status, (status, answer)
+    assert CONTRACT_CODES.get(code) == status, (status, answer)
     assert answer["token_expired"] is (code == "TOKEN_EXPIRED")
     assert headers["x-request-id"] == answer["error"]["request_id"]
 

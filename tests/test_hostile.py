@@ -1,6 +1,6 @@
 """Hostile requests, one technique per test, through real HTTP to a real recording upstream.
 
-SPEC §4 "One reading only": the gateway must never authorise one reading of a request and
+"One reading only": the gateway must never authorise one reading of a request and
 forward another. Each test sends one trick and checks the contract's answer *and* what reached
 the upstream (usually nothing). What a well-behaved client cannot send goes over a raw socket.
 """
@@ -108,7 +108,7 @@ async def first_status_line(port: int, data: bytes, wait_seconds: float = 5) -> 
 
 
 def assert_refused(answer: Answer | RawResponse, status: int, code: str, reason: str) -> None:
-    """The contract's JSON error (SPEC §5), with its request id in the header and the body."""
+    """The gateway's JSON error, with its request id in the header and the body."""
     headers = {k.lower(): v for k, v in answer.headers.items()}
     assert answer.status == status, answer.body
     assert headers["content-type"] == "application/json"
@@ -624,7 +624,7 @@ async def test_body_cut_short_by_the_client_is_a_client_error_in_the_access_log(
     await writer.drain()
     writer.close()  # the client goes away 1000 - len(ANONYMOUS) bytes short
     await writer.wait_closed()
-    # One access-log line per request (SPEC §6), and a client's failure is not the gateway's:
+    # One access-log line per request, and a client's failure is not the gateway's:
     # a 4xx in the log, no error logged with a traceback.
     records = await access_log_lines(gateway, 1)
     assert len(records) == 1, "no access-log line for the request"

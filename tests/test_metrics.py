@@ -1,4 +1,4 @@
-"""The admin listener's /metrics: every SPEC §6 family, moving with the right labels."""
+"""The admin listener's /metrics: every documented family, moving with the right labels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forwarding and relaying (SPEC §5), against real upstreams on port 0 started by each test.
+"""Forwarding and relaying, against real upstreams on port 0 started by each test.
 
 Well-behaved upstreams are aiohttp apps; misbehaving ones (silent, or closing mid-answer) are
 raw asyncio servers, so the misbehaviour is exactly what is written here.

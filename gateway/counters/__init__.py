@@ -1,4 +1,4 @@
-"""Consecutive authentication failures per session (SPEC §4): one interface, several backends.
+"""Consecutive authentication failures per session: one interface, several backends.
 
 A backend that cannot answer returns None: the request is then decided as if the count were zero,
 because the counter only ever turns a 401 into a 429 and failing closed would protect nothing.
