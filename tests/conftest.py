@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import json
+import os
+import signal
 import socket
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,6 +396,59 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@pytest.fixture
+def busy_address() -> Iterator[str]:
+    """An address another socket already listens on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield f"127.0.0.1:{holder.getsockname()[1]}"
+
+
+@asynccontextmanager
+async def gateway_process(
+    config_path: Path, admin_listen: str, *, what: str = "the gateway to be ready"
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`gateway run -c CONFIG` as a real process, once its admin listener says it is ready;
+    killed on the way out, with any workers it started."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "run", "-c", str(config_path),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def ready() -> bool:
+                async with http.get(f"http://{admin_listen}/readyz") as response:
+                    return response.status == 200
+
+            await eventually(ready, what)
+        yield process
+    finally:
+        for child in children_of(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (a supervisor's workers)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry.name))
+    return found
 
 
 # --- upstreams a test shapes itself ------------------------------------------------------------

@@ -9,9 +9,7 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -69,15 +67,6 @@ def test_make_examples_makes_every_example_config_pass_check_config(fresh_copy: 
     )
     assert again.returncode == 0
     assert (fresh_copy / "config" / "examples.env").read_text() == secrets
-
-
-@pytest.fixture
-def busy_address() -> Iterator[str]:
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    yield f"127.0.0.1:{holder.getsockname()[1]}"
-    holder.close()
 
 
 @pytest.mark.skipif(not (VENV / "bin" / "gateway").exists(), reason="needs the project's .venv")

@@ -6,21 +6,23 @@ supervisor bound."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import KeyPair, Upstream, base_config, eventually, free_port, write_config
-from tests.test_workers import children_of
+from tests.conftest import (
+    KeyPair,
+    Upstream,
+    base_config,
+    children_of,
+    free_port,
+    gateway_process,
+    write_config,
+)
 
 EVENTS = "/track/v2/projects/app/customers/events"
 
@@ -53,16 +55,6 @@ def assert_one_line(stderr: str, expected: str) -> None:
     assert lines == [expected], stderr
 
 
-@pytest.fixture
-def listening() -> Iterator[str]:
-    """An address another process already listens on."""
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen()
-    yield f"127.0.0.1:{holder.getsockname()[1]}"
-    holder.close()
-
-
 def gateway_config(
     tmp_path: Path, key_a: KeyPair, upstream_url: str, **overrides: Any
 ) -> tuple[Path, dict[str, Any]]:
@@ -75,12 +67,14 @@ def gateway_config(
 @pytest.mark.parametrize("which", ["listen", "admin_listen"])
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_a_busy_address_is_one_line_and_a_non_zero_exit(
-    tmp_path: Path, key_a: KeyPair, upstream: Upstream, listening: str, which: str, workers: int
+    tmp_path: Path, key_a: KeyPair, upstream: Upstream, busy_address: str, which: str, workers: int
 ) -> None:
-    path, _ = gateway_config(tmp_path, key_a, upstream.url, workers=workers, **{which: listening})
+    path, _ = gateway_config(
+        tmp_path, key_a, upstream.url, workers=workers, **{which: busy_address}
+    )
     code, stderr = await run_to_exit("run", "-c", str(path))
     assert code == 1
-    assert_one_line(stderr, f"gateway: cannot listen on {listening}: Address already in use")
+    assert_one_line(stderr, f"gateway: cannot listen on {busy_address}: Address already in use")
 
 
 async def test_a_second_gateway_on_a_busy_port_exits_and_the_first_keeps_all_traffic(
@@ -89,17 +83,7 @@ async def test_a_second_gateway_on_a_busy_port_exits_and_the_first_keeps_all_tra
     """The mistake this prevents: a `monitor` gateway started on a `required` one's port
     answering half its traffic, with no error anywhere."""
     path, config = gateway_config(tmp_path, key_a, upstream.url)
-    first = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "-c", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-
-        async def ready() -> bool:
-            async with http.get(f"http://{config['admin_listen']}/readyz") as response:
-                return response.status == 200
-
-        await eventually(ready, "the first gateway")
+    async with gateway_process(path, config["admin_listen"], what="the first gateway"):
         monitor = dict(config)
         monitor["admin_listen"] = f"127.0.0.1:{free_port()}"
         monitor["projects"] = {"app": {**config["projects"]["app"], "mode": "monitor"}}
@@ -120,26 +104,13 @@ async def test_a_second_gateway_on_a_busy_port_exits_and_the_first_keeps_all_tra
                     # 401, then 429 once the client address is past the failure threshold
                     assert response.status in (401, 429)
         assert upstream.received == []
-    finally:
-        first.kill()
-        await first.wait()
 
 
 async def test_workers_share_the_supervisors_one_socket(
     tmp_path: Path, key_a: KeyPair, upstream: Upstream, http: aiohttp.ClientSession
 ) -> None:
     path, config = gateway_config(tmp_path, key_a, upstream.url, workers=2)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "-c", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-
-        async def ready() -> bool:
-            async with http.get(f"http://{config['admin_listen']}/readyz") as response:
-                return response.status == 200
-
-        await eventually(ready, "both workers")
+    async with gateway_process(path, config["admin_listen"], what="both workers") as process:
         workers = children_of(process.pid)
         assert len(workers) == 2
         port = int(config["listen"].rpartition(":")[2])
@@ -147,12 +118,6 @@ async def test_workers_share_the_supervisors_one_socket(
         # One socket (one inode) for all three processes: inherited, not bound again.
         assert len(set().union(*inodes.values())) == 1, inodes
         assert all(inodes.values()), inodes
-    finally:
-        for pid in children_of(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.kill()
-        await process.wait()
 
 
 def listening_inodes(pid: int, port: int) -> set[str]:
@@ -181,14 +146,14 @@ async def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert str(missing) in stderr
 
 
-async def test_the_sample_upstream_on_a_busy_port_is_one_line(listening: str) -> None:
-    code, stderr = await run_to_exit("sample-upstream", "--listen", listening)
+async def test_the_sample_upstream_on_a_busy_port_is_one_line(busy_address: str) -> None:
+    code, stderr = await run_to_exit("sample-upstream", "--listen", busy_address)
     assert code == 1
-    assert_one_line(stderr, f"gateway: cannot listen on {listening}: Address already in use")
+    assert_one_line(stderr, f"gateway: cannot listen on {busy_address}: Address already in use")
 
 
-async def test_the_demo_on_a_busy_port_is_one_line(listening: str) -> None:
-    port = listening.rpartition(":")[2]
+async def test_the_demo_on_a_busy_port_is_one_line(busy_address: str) -> None:
+    port = busy_address.rpartition(":")[2]
     code, stderr = await run_to_exit("demo", "--upstream-port", port)
     assert code == 1
-    assert_one_line(stderr, f"gateway: cannot listen on {listening}: Address already in use")
+    assert_one_line(stderr, f"gateway: cannot listen on {busy_address}: Address already in use")

@@ -20,7 +20,6 @@ import asyncio
 import gzip
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ from tests.conftest import (
     Tokens,
     Upstream,
     base_config,
-    eventually,
     free_port,
+    gateway_process,
     raw_request,
     write_config,
 )
@@ -516,40 +515,29 @@ async def test_no_body_within_the_default_limits_holds_the_loop_long(
     config = base_config(upstream.url)
     config.update(listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}")
     path = write_config(tmp_path, config, {"a.pem": key_a})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "-c", str(path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
     port = int(config["listen"].rpartition(":")[2])
     holds: dict[str, float] = {}
-    try:
-        async with aiohttp.ClientSession() as probe:
-            probe_url = f"http://127.0.0.1:{port}/no-such-route"
-
-            async def answered() -> bool:
+    async with (
+        gateway_process(path, config["admin_listen"]),
+        aiohttp.ClientSession() as probe,
+    ):
+        probe_url = f"http://127.0.0.1:{port}/no-such-route"
+        for name, data in bodies.items():
+            headers = [("Content-Type", "application/json")]
+            if name == "inflating_gzip":
+                headers.append(("Content-Encoding", "gzip"))
+            hostile = asyncio.ensure_future(
+                raw_request(port, raw_http(BATCH, headers, data), wait_seconds=20)
+            )
+            slowest = 0.0
+            while not hostile.done():
+                started = time.perf_counter()
                 async with probe.get(probe_url) as response:
-                    return response.status == 404
-
-            await eventually(answered, "the gateway to serve")
-            for name, data in bodies.items():
-                headers = [("Content-Type", "application/json")]
-                if name == "inflating_gzip":
-                    headers.append(("Content-Encoding", "gzip"))
-                hostile = asyncio.ensure_future(
-                    raw_request(port, raw_http(BATCH, headers, data), wait_seconds=20)
-                )
-                slowest = 0.0
-                while not hostile.done():
-                    started = time.perf_counter()
-                    async with probe.get(probe_url) as response:
-                        await response.read()
-                    slowest = max(slowest, time.perf_counter() - started)
-                answer = await hostile
-                assert answer.status in (400, 401, 413), (name, answer.status)
-                holds[name] = slowest
-    finally:
-        process.kill()
-        await process.wait()
+                    await response.read()
+                slowest = max(slowest, time.perf_counter() - started)
+            answer = await hostile
+            assert answer.status in (400, 401, 413), (name, answer.status)
+            holds[name] = slowest
     # ~50 ms on an idle core; the bound leaves room for a loaded CI machine, and the old
     # default failed it by far (the gzip body alone held the loop 350-700 ms).
     assert max(holds.values()) < 0.2, holds

@@ -18,24 +18,17 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KeyPair, Upstream, base_config, eventually, free_port, write_config
+from tests.conftest import (
+    KeyPair,
+    Upstream,
+    base_config,
+    children_of,
+    eventually,
+    free_port,
+    write_config,
+)
 
 EVENTS = "/track/v2/projects/app/customers/events"
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.add(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:
