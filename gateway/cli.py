@@ -48,6 +48,9 @@ def _load(path: Path) -> CompiledConfig:
 
 
 def _print_problems(path: Path, error: ConfigError) -> None:
+    if [p.path for p in error.problems] == [str(path)]:  # the file itself: one line says it
+        print(f"gateway: config {path}: {error.problems[0].message}", file=sys.stderr)
+        return
     print(f"config invalid: {path}", file=sys.stderr)
     for problem in error.problems:
         print(f"  {problem}", file=sys.stderr)

@@ -98,7 +98,15 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError([Problem(str(path), f"invalid YAML: {exc}")]) from None
+        raise ConfigError([Problem(str(path), _yaml_error(exc))]) from None
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """One line: where the YAML broke and why (PyYAML's own text spans several)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return "invalid YAML: " + " ".join(str(exc).split())
 
 
 # --- ${NAME} substitution ----------------------------------------------------------------------

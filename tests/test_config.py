@@ -256,9 +256,8 @@ def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
         load_file(path)
     [problem] = [str(p) for p in caught.value.problems]
     assert re.fullmatch(
-        rf"{re.escape(str(path))}: invalid YAML: duplicate key 'mode'\n.*\bline 5, column 5\b.*",
+        rf"{re.escape(str(path))}: invalid YAML at line 5, column 5: duplicate key 'mode'",
         problem,
-        re.DOTALL,
     ), problem
 
 
@@ -267,7 +266,9 @@ def test_an_unhashable_yaml_key_is_a_problem_not_a_crash(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as caught:
         load_file(path)
     [problem] = [str(p) for p in caught.value.problems]
-    assert re.fullmatch(rf"{re.escape(str(path))}: invalid YAML: .+", problem, re.DOTALL), problem
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: invalid YAML at line \d+, column \d+: .+", problem
+    )
 
 
 def test_a_config_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:

@@ -138,12 +138,20 @@ def listening_inodes(pid: int, port: int) -> set[str]:
     return listening & held
 
 
-async def test_a_missing_config_file_is_one_line(tmp_path: Path) -> None:
+async def test_a_missing_or_broken_config_file_is_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.yaml"
     code, stderr = await run_to_exit("run", "-c", str(missing))
     assert code == 1
-    assert "Traceback" not in stderr
-    assert str(missing) in stderr
+    assert_one_line(stderr, f"gateway: config {missing}: No such file or directory")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: [\n")
+    code, stderr = await run_to_exit("run", "-c", str(broken))
+    assert code == 1
+    assert_one_line(
+        stderr,
+        f"gateway: config {broken}: invalid YAML at line 2, column 1: "
+        "expected the node content, but found '<stream end>'",
+    )
 
 
 async def test_the_sample_upstream_on_a_busy_port_is_one_line(busy_address: str) -> None:
