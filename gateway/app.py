@@ -489,7 +489,8 @@ class Gateway:
         retry_after: int | None = None,
         allow: str | None = None,
     ) -> Response:
-        exchange.reason = reason
+        # A limited session's answer is the 429 (logged as such); its body names the failure.
+        exchange.reason = Reason.SESSION_LIMITED if limited else reason
         if retry_after is None and reason.code is Code.UPSTREAM_UNAVAILABLE:
             retry_after = UPSTREAM_RETRY_AFTER_SECONDS
         elif retry_after is None and reason.code is Code.KEYS_UNAVAILABLE:

@@ -18,6 +18,7 @@ from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
 from tests.conftest import NOW, GatewayFactory, RunningGateway, Tokens, Upstream
 from tests.redis_support import RedisProcess
+from tests.test_attacks import access_log
 
 
 @dataclass
@@ -182,6 +183,13 @@ async def test_session_is_limited_after_threshold(
     assert body["error"]["code"] == "AUTH_FAILURE_LIMIT"
     assert body["error"]["cause"] == "TOKEN_EXPIRED"
     assert headers["Retry-After"] == "1700"
+    # The access log says what the client got: the limit, for the underlying failure.
+    logged = (await access_log(gateway, 11))[-1]
+    assert (logged["status"], logged["code"], logged["reason"]) == (
+        429,
+        "AUTH_FAILURE_LIMIT",
+        "session_limited",
+    )
     # Another session of the same user is not limited.
     other = {"X-Session-Id": "device-2", "X-Sdk-Auth-Token": tokens.expired()}
     assert (await send(http, gateway, other))[0] == 401
