@@ -31,12 +31,12 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.clock import ManualClock
-from gateway.compiled import compile_config
-from gateway.config import load_settings
-from gateway.logs import AccessLog
-from gateway.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
-from gateway.server import GatewayServer
+from gateway.base.clock import ManualClock
+from gateway.config.compiled import compile_config
+from gateway.config.settings import load_settings
+from gateway.runtime.process import GatewayServer
+from gateway.telemetry.logs import AccessLog
+from gateway.tools.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
 
 NOW = 1_900_000_000.0  # the tests' "now": a fixed instant, moved explicitly
 

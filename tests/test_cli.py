@@ -32,8 +32,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.cli import build_parser
-from gateway.config import Settings
+from gateway.config.settings import Settings
+from gateway.tools.cli import build_parser
 from tests.conftest import EXAMPLES, KeyPair, base_config, free_port, write_config
 from tests.test_docs import INTERNAL_REFERENCE
 

@@ -17,9 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.clock import ManualClock
-from gateway.compiled import CompiledConfig, compile_config, load_and_compile
-from gateway.config import ConfigError, LoadedConfig, Problem, load_settings
+from gateway.base.clock import ManualClock
+from gateway.config.compiled import CompiledConfig, compile_config, load_and_compile
+from gateway.config.settings import ConfigError, LoadedConfig, Problem, load_settings
 from tests.conftest import NOW, KeyPair, base_config, write_config
 
 UPSTREAM = "http://127.0.0.1:9"

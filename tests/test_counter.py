@@ -12,7 +12,7 @@ import pytest
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from gateway.clock import ManualClock
+from gateway.base.clock import ManualClock
 from gateway.counters import FailureCounter, SessionKey, session_hint, session_key
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter

@@ -37,7 +37,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.config import LoadedConfig, parse_settings, read_yaml
+from gateway.config.settings import LoadedConfig, parse_settings, read_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -488,7 +488,7 @@ def test_dockerfile() -> None:
         for name in source.split():
             assert (ROOT / name).exists(), f"COPY {name}: not in the repository"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pyproject["project"]["scripts"]["gateway"] == "gateway.cli:main"
+    assert pyproject["project"]["scripts"]["gateway"] == "gateway.tools.cli:main"
     # The Dockerfile-specific ignore file lets through what the build copies.
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
     assert {"**", "!pyproject.toml", "!README.md", "!gateway/"} <= set(ignore)

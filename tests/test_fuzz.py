@@ -34,10 +34,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, example, g
 from hypothesis import strategies as st
 from yarl import URL
 
-from gateway.clock import ManualClock
-from gateway.compiled import CompiledConfig, compile_config
-from gateway.config import ConfigError, Problem, load_settings, parse_settings
-from gateway.extract import (
+from gateway.auth.extract import (
     HeaderSource,
     JsonSource,
     RequestParts,
@@ -45,11 +42,14 @@ from gateway.extract import (
     parse_json_path,
     walk_json,
 )
-from gateway.jsonstrict import JSONRejected, loads_strict
-from gateway.reasons import Rejected
-from gateway.routes import RouteEntry, Router, compile_template, parse_target
-from gateway.subject import IdMapSubject, ScalarSubject
-from gateway.verify import TokenVerifier, VerifiedToken
+from gateway.auth.jsonstrict import JSONRejected, loads_strict
+from gateway.auth.subject import IdMapSubject, ScalarSubject
+from gateway.auth.verify import TokenVerifier, VerifiedToken
+from gateway.base.clock import ManualClock
+from gateway.config.compiled import CompiledConfig, compile_config
+from gateway.config.router import RouteEntry, Router, compile_template, parse_target
+from gateway.config.settings import ConfigError, Problem, load_settings, parse_settings
+from gateway.refusals.reasons import Rejected
 from tests.conftest import (
     NOW,
     GatewayFactory,

@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.sample_upstream import make_sample_upstream
+from gateway.tools.sample_upstream import make_sample_upstream
 from tests.conftest import (
     GatewayFactory,
     RawResponse,
@@ -192,7 +192,7 @@ async def test_non_ascii_or_control_path_byte_is_refused(
 ) -> None:
     answer = await raw_request(gateway.port, request_with_target(target))
     # aiohttp's HTTP parser (llhttp) already refuses these bytes in a request target, so the
-    # contract's 400 comes from server_protocol.py; a lenient parser would leave it to routes.py.
+    # contract's 400 comes from gateway/http/server.py; a lenient parser would leave it to the router.
     reason = json.loads(answer.body)["error"]["reason"]
     assert reason in ("http_malformed", "path_invalid")
     assert_bad_request(answer, reason)

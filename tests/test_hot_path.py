@@ -32,12 +32,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.http1 import parse_head
-from gateway.jsonstrict import JSONRejected, loads_strict
-from gateway.memo import BoundedMemo
-from gateway.messages import header_key
-from gateway.reasons import Reason, Rejected
-from gateway.verify import _b64decode
+from gateway.auth.jsonstrict import JSONRejected, loads_strict
+from gateway.auth.verify import _b64decode
+from gateway.base.memo import BoundedMemo
+from gateway.http.client import parse_head
+from gateway.http.messages import header_key
+from gateway.refusals.reasons import Reason, Rejected
 from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
 
 EVENTS = "/track/v2/projects/app/customers/events"

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.clock import ManualClock
-from gateway.compiled import compile_config
-from gateway.config import ConfigError, load_settings
+from gateway.base.clock import ManualClock
+from gateway.config.compiled import compile_config
+from gateway.config.settings import ConfigError, load_settings
 from tests.conftest import NOW, GatewayFactory, KeyPair, RunningGateway, write_config
 
 EVENTS = "/track/v2/projects/app/customers/events"

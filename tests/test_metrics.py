@@ -9,7 +9,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import LATENCY_BUCKETS, Tally, Timings
+from gateway.telemetry.metrics import LATENCY_BUCKETS, Tally, Timings
 from tests.conftest import GatewayFactory, RunningGateway, Tokens
 
 EVENTS = "/track/v2/projects/app/customers/events"

@@ -1,4 +1,4 @@
-"""Writes gathered per pass of the event loop (gateway/outbox.py), over real loopback sockets:
+"""Writes gathered per pass of the event loop (gateway/http/outbox.py), over real loopback sockets:
 order per connection, nothing sent before the pass ends, flush before a half-close, and one
 transport that refuses a write never holding back another's."""
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gateway.outbox import Outbox
+from gateway.http.outbox import Outbox
 
 
 @dataclass

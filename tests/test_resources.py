@@ -29,7 +29,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config import ConfigError, LimitsSettings, load_settings
+from gateway.config.settings import ConfigError, LimitsSettings, load_settings
 from tests.conftest import (
     GatewayFactory,
     Handler,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from gateway.clock import ManualClock
-from gateway.compiled import compile_config
-from gateway.config import ConfigError, load_settings
+from gateway.base.clock import ManualClock
+from gateway.config.compiled import compile_config
+from gateway.config.settings import ConfigError, load_settings
 from tests.conftest import (
     NOW,
     GatewayFactory,

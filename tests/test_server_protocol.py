@@ -1,4 +1,4 @@
-"""The public listener's connection-level behaviour (gateway/server_protocol.py), over real
+"""The public listener's connection-level behaviour (gateway/http/server.py), over real
 sockets on 127.0.0.1, against the real gateway and a real upstream.
 
 What the rest of the suite pins down per request (statuses, the JSON errors, what reaches the
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.proxy import Upstream as UpstreamClient
-from gateway.server_protocol import LINGER_SECONDS, MAX_QUEUED, HttpServer
+from gateway.forwarding.headers import Upstream as UpstreamClient
+from gateway.http.server import LINGER_SECONDS, MAX_QUEUED, HttpServer
 from tests.conftest import (
     GatewayFactory,
     Handler,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.hashing import sha256
+from gateway.base.hashing import sha256
 
 
 @dataclass(frozen=True, slots=True)

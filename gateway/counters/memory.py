@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from gateway.clock import Clock
+from gateway.base.clock import Clock
 from gateway.counters import FailureCount, SessionKey
 
 

@@ -22,8 +22,8 @@ from redis import asyncio as redis_asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from gateway.base.tasks import spawn
 from gateway.counters import FailureCount, SessionKey
-from gateway.tasks import spawn
 
 log = logging.getLogger("gateway.counters.redis")
 

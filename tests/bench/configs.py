@@ -99,7 +99,7 @@ def gateway_config(
     redis_port: int | None = None,
     workers: int = 1,
 ) -> dict[str, Any]:
-    """The gateway's settings (gateway/config.py `Settings`): one project, one route."""
+    """The gateway's settings (gateway/config/settings.py `Settings`): one project, one route."""
     counter: dict[str, Any] = {"backend": "memory"}
     if redis_port is not None:
         counter = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}

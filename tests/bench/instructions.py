@@ -34,9 +34,9 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.clock import SystemClock
-from gateway.logs import AccessLog
-from gateway.server import GatewayServer, load_config
+from gateway.base.clock import SystemClock
+from gateway.runtime.process import GatewayServer, load_config
+from gateway.telemetry.logs import AccessLog
 from tests.bench import configs, dataset
 from tests.bench.procs import BenchError
 

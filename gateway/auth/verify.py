@@ -1,0 +1,245 @@
+"""The only place a JWT is parsed and checked, and the cache of tokens that passed.
+
+Checks run in a fixed order: structure and header, key selection, signature,
+then claims and subject, so `TOKEN_EXPIRED` is only ever said of a token whose signature
+verified. Header fields that name a key (`jku`, `x5u`, `jwk`, `x5c`) are never read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.auth.algorithms import ALGORITHMS
+from gateway.auth.jsonstrict import JSONRejected, loads_strict
+from gateway.auth.keys import KeySet, VerificationKey
+from gateway.base.clock import Clock
+from gateway.base.hashing import sha256
+from gateway.base.memo import BoundedMemo
+from gateway.refusals.reasons import Reason, Rejected
+
+_COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+_MAX_NUMERIC_DATE = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    user: str | Mapping[str, str]  # as the project's subject format reads it
+    exp: float
+    kid: str
+
+
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# A segment whose last group has 2 (3) characters ends in 4 (2) bits that no byte uses: only
+# zeros there is canonical, so one token has one spelling. Checked on the last character
+# instead of encoding the whole segment again.
+_CANONICAL_LAST = {
+    2: frozenset(_B64URL_ALPHABET[::16]),
+    3: frozenset(_B64URL_ALPHABET[::4]),
+}
+
+
+def _b64decode(segment: str) -> bytes:
+    remainder = len(segment) % 4
+    if remainder == 1 or (remainder and segment[-1] not in _CANONICAL_LAST[remainder]):
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-remainder % 4))
+    except binascii.Error:
+        raise Rejected(Reason.TOKEN_MALFORMED) from None
+
+
+def _json_object(segment: str) -> dict[str, Any]:
+    try:
+        value = loads_strict(_b64decode(segment))
+    except JSONRejected as exc:
+        raise Rejected(
+            Reason.TOKEN_DUPLICATE_KEY if exc.duplicate_key else Reason.TOKEN_MALFORMED
+        ) from None
+    if not isinstance(value, dict):
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    return value
+
+
+def _numeric_date(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value < _MAX_NUMERIC_DATE
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of a token: its cache key, and (cut short) its fingerprint in the access log.
+    surrogatepass: a string that is not UTF-8 still hashes; the format check refuses it."""
+    return sha256(token.encode("utf-8", "surrogatepass"))
+
+
+class TokenCache:
+    """Verified tokens by (verifier generation, SHA-256 of the token); bounded, oldest out first.
+
+    Keying by a digest keeps an entry ~200 bytes whatever the token's size. A verifier is
+    rebuilt whenever its keys or policy change, so removing a key invalidates its tokens at once.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        # OrderedDict: evicting the oldest stays O(1) when full, where a dict's front fills
+        # with deleted slots that every `next(iter())` walks again.
+        self._entries: OrderedDict[tuple[bytes, bytes], VerifiedToken] = OrderedDict()
+        self._on_hit: Callable[[], None] = lambda: None
+        self._on_miss: Callable[[], None] = lambda: None
+
+    def observe(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
+        """Report each lookup (the metrics hook)."""
+        self._on_hit, self._on_miss = on_hit, on_miss
+
+    def get(self, key: tuple[bytes, bytes]) -> VerifiedToken | None:
+        found = self._entries.get(key)
+        (self._on_miss if found is None else self._on_hit)()
+        return found
+
+    def put(self, key: tuple[bytes, bytes], token: VerifiedToken) -> None:
+        if self.max_entries == 0:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.popitem(last=False)
+        self._entries[key] = token
+
+    def discard(self, key: tuple[bytes, bytes]) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+SubjectReader = Callable[[Mapping[str, Any]], str | Mapping[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A project's verification rules, fixed at config load."""
+
+    algorithms: frozenset[str]
+    subject: SubjectReader
+    audience: str | None
+    issuer: str | None
+    leeway: int
+    max_lifetime: int
+    require_typ: bool = True
+
+
+class TokenVerifier:
+    """`generation` identifies the project, its keys and its policy: equal generations verify
+    alike, so a reload that changes nothing about a project keeps its cached tokens."""
+
+    def __init__(
+        self, keys: KeySet, policy: Policy, generation: bytes, cache: TokenCache, clock: Clock
+    ) -> None:
+        self.keys = keys
+        self.policy = policy
+        self.generation = generation
+        self._cache = cache
+        self._clock = clock
+        # An issuer's tokens share one header segment: it is decoded, checked and matched to
+        # its keys once per verifier (a new key set builds a new verifier). Refusals are not
+        # kept, so an unknown kid still asks for a JWKS refresh each time.
+        self._selected: BoundedMemo[str, tuple[Any, tuple[VerificationKey, ...]]]
+        self._selected = BoundedMemo(256)
+
+    def verify(self, token: str, digest: bytes | None = None) -> VerifiedToken:
+        """`digest`: the token's `token_digest`, when the caller already has it."""
+        cache_key = (self.generation, digest or token_digest(token))
+        cached = self._cache.get(cache_key)
+        if cached is not None:
+            if self._clock.now() < cached.exp + self.policy.leeway:
+                return cached
+            self._cache.discard(cache_key)
+        verified = self._verify_uncached(token)
+        self._cache.put(cache_key, verified)
+        return verified
+
+    def _verify_uncached(self, token: str) -> VerifiedToken:
+        parts = _COMPACT_JWS.fullmatch(token)
+        if parts is None:
+            raise Rejected(Reason.TOKEN_MALFORMED)
+        header_b64, payload_b64, signature_b64 = parts.groups()
+        selected = self._selected.get(header_b64)
+        if selected is None:
+            selected = self._selected.keep(header_b64, self._select_keys(_json_object(header_b64)))
+        algorithm, candidates = selected
+        signature = _b64decode(signature_b64)
+        signing_input = token[: parts.end(2)].encode()
+        key = next(
+            (k for k in candidates if algorithm.verify(k.key, signing_input, signature)), None
+        )
+        if key is None:
+            raise Rejected(Reason.SIGNATURE_INVALID)
+        claims = _json_object(payload_b64)
+        exp = self._check_times(claims)
+        self._check_audience_issuer(claims)
+        return VerifiedToken(self.policy.subject(claims), exp, key.kid)
+
+    def _select_keys(self, header: dict[str, Any]) -> tuple[Any, tuple[VerificationKey, ...]]:
+        if "alg" not in header:
+            raise Rejected(Reason.ALG_MISSING)
+        alg = header["alg"]
+        if not isinstance(alg, str) or alg not in self.policy.algorithms:
+            raise Rejected(Reason.ALG_NOT_ALLOWED)
+        typ = header.get("typ")
+        if typ is None:
+            if self.policy.require_typ:
+                raise Rejected(Reason.TYP_MISSING)
+        elif not isinstance(typ, str) or typ.upper() != "JWT":
+            raise Rejected(Reason.TYP_INVALID)
+        if "crit" in header:
+            # We implement no JWS extension, so any `crit` names one we do not understand.
+            raise Rejected(Reason.CRIT_UNSUPPORTED)
+        if not self.keys.keys:
+            raise Rejected(Reason.KEYS_UNAVAILABLE)
+        if "kid" not in header:
+            candidates = self.keys.by_algorithm[alg]
+            if not candidates:
+                raise Rejected(Reason.NO_COMPATIBLE_KEY)
+            return ALGORITHMS[alg], candidates
+        kid = header["kid"]
+        if not isinstance(kid, str) or not kid:
+            raise Rejected(Reason.KID_INVALID)
+        key = self.keys.by_kid.get(kid)
+        if key is None:
+            raise Rejected(Reason.KID_UNKNOWN)
+        if alg not in key.algorithms:
+            raise Rejected(Reason.ALG_NOT_ALLOWED)
+        return ALGORITHMS[alg], (key,)
+
+    def _check_times(self, claims: dict[str, Any]) -> float:
+        if "exp" not in claims:
+            raise Rejected(Reason.EXP_MISSING)
+        exp, nbf, iat = claims["exp"], claims.get("nbf"), claims.get("iat")
+        if not _numeric_date(exp):
+            raise Rejected(Reason.EXP_INVALID)
+        if "nbf" in claims and not _numeric_date(nbf):
+            raise Rejected(Reason.NBF_INVALID)
+        if "iat" in claims and not _numeric_date(iat):
+            raise Rejected(Reason.IAT_INVALID)
+        now, leeway = self._clock.now(), self.policy.leeway
+        if now >= exp + leeway:
+            raise Rejected(Reason.EXPIRED)
+        if nbf is not None and nbf > now + leeway:
+            raise Rejected(Reason.NOT_YET_VALID)
+        if iat is not None and iat > now + leeway:
+            raise Rejected(Reason.ISSUED_IN_FUTURE)
+        max_lifetime = self.policy.max_lifetime
+        if max_lifetime and exp - now > max_lifetime + leeway:
+            raise Rejected(Reason.LIFETIME_TOO_LONG)
+        return float(exp)
+
+    def _check_audience_issuer(self, claims: dict[str, Any]) -> None:
+        audience = self.policy.audience
+        if audience is not None:
+            aud = claims.get("aud")
+            if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+                raise Rejected(Reason.AUDIENCE_INVALID)
+        if self.policy.issuer is not None and claims.get("iss") != self.policy.issuer:
+            raise Rejected(Reason.ISSUER_INVALID)

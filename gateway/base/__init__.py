@@ -1,0 +1,3 @@
+"""Building blocks that know nothing of HTTP or of the product: the clock, bounded memos,
+background tasks, digests.
+"""

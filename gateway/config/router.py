@@ -1,0 +1,162 @@
+"""Request targets: strict path validation, then first-match routing on compiled templates.
+
+The path is accepted only in a form with one reading (RFC 3986 unreserved characters and `/`,
+no empty, `.` or `..` segment, though it may end in `/`), so the path matched is byte for byte
+the path forwarded and no upstream can normalise it into another route. `/batch` and `/batch/`
+are different paths to many upstreams (PostHog takes `/batch/`), so a route matches a path that
+ends in `/` only when its own template does, and never the other way round.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from gateway.base.memo import BoundedMemo
+from gateway.refusals.reasons import Reason, Rejected
+
+_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+/?")
+_QUERY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
+_SEGMENT_CHARS = "[A-Za-z0-9._~-]+"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    path: str
+    query: str | None  # raw, as received; None when the target has no `?`
+
+
+_targets: BoundedMemo[str, Target] = BoundedMemo(4096)  # valid targets; refused ones not kept
+
+
+def parse_target(raw: str) -> Target:
+    target = _targets.get(raw)
+    return target if target is not None else _targets.keep(raw, _parse_target(raw))
+
+
+def _parse_target(raw: str) -> Target:
+    path, sep, query = raw.partition("?")
+    if not _PATH.fullmatch(path):
+        raise Rejected(Reason.PATH_INVALID)
+    if sep and not _QUERY.fullmatch(query):
+        raise Rejected(Reason.PATH_INVALID)
+    return Target(path, query if sep else None)
+
+
+class TemplateError(ValueError):
+    pass
+
+
+def compile_template(template: str) -> re.Pattern[str]:
+    """`/a/{project}/b/{id:[0-9]{4}}` → a regex with one named group per placeholder."""
+    if not template.startswith("/"):
+        raise TemplateError("must start with /")
+    out: list[str] = []
+    literal = ""  # the template with each placeholder as `{}`, for the segment checks
+    names: set[str] = set()
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if char == "}":
+            raise TemplateError(f"unbalanced }} at offset {i}")
+        if char != "{":
+            if not (char == "/" or re.fullmatch(_SEGMENT_CHARS, char)):
+                raise TemplateError(f"character {char!r} can never match a valid path")
+            out.append(re.escape(char))
+            literal += char
+            i += 1
+            continue
+        depth, j = 1, i + 1
+        while j < len(template) and depth:
+            depth += {"{": 1, "}": -1}.get(template[j], 0)
+            j += 1
+        if depth:
+            raise TemplateError(f"unclosed {{ at offset {i}")
+        name, _, pattern = template[i + 1 : j - 1].partition(":")
+        if not name.isidentifier():
+            raise TemplateError(f"placeholder name {name!r} is not an identifier")
+        if name in names:
+            raise TemplateError(f"placeholder {name!r} appears twice")
+        names.add(name)
+        out.append(f"(?P<{name}>{pattern or _SEGMENT_CHARS})")
+        literal += "{}"
+        i = j
+    # The segments parse_target refuses, so a route with one could never match any request.
+    segments = literal.removesuffix("/").split("/")[1:]
+    if "" in segments:
+        raise TemplateError("has an empty segment")
+    if "." in segments or ".." in segments:
+        raise TemplateError("has a . or .. segment")
+    if not template.endswith("/"):
+        # A placeholder's own regex (`{rest:.*}`) could otherwise reach a trailing `/`.
+        out.append("(?<!/)")
+    try:
+        return re.compile("".join(out))
+    except re.error as exc:
+        raise TemplateError(f"placeholder regex does not compile: {exc}") from None
+
+
+def placeholder_pattern(template: str, name: str) -> str | None:
+    """The regex written for `{name:regex}` in a template, None for a plain `{name}`."""
+    match = re.search(r"\{" + re.escape(name) + r"(?::((?:[^{}]|\{[^{}]*\})*))?\}", template)
+    return match.group(1) if match and match.group(1) else None
+
+
+RouteT = TypeVar("RouteT")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry(Generic[RouteT]):
+    pattern: re.Pattern[str]
+    methods: frozenset[str]
+    route: RouteT
+
+
+class Router(Generic[RouteT]):
+    """First match wins; a path that matches only under other methods is a 405 with `Allow`."""
+
+    def __init__(self, entries: list[RouteEntry[RouteT]]) -> None:
+        self._entries = tuple(entries)
+        self._matches: BoundedMemo[tuple[str, str], tuple[RouteT, dict[str, str]]]
+        self._matches = BoundedMemo(4096)
+
+    @property
+    def entries(self) -> tuple[RouteEntry[RouteT], ...]:
+        return self._entries
+
+    def match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
+        """The route and its placeholders' values (a dict the caller must not change)."""
+        found = self._matches.get((method, path))
+        if found is None:
+            found = self._matches.keep((method, path), self._match(method, path))
+        return found
+
+    def _match(self, method: str, path: str) -> tuple[RouteT, dict[str, str]]:
+        allowed: set[str] = set()
+        for entry in self._entries:
+            found = entry.pattern.fullmatch(path)
+            if found is None:
+                continue
+            if method in entry.methods:
+                return entry.route, found.groupdict()
+            allowed |= entry.methods
+        if allowed:
+            raise MethodNotAllowed(", ".join(sorted(allowed)))
+        raise Rejected(Reason.ROUTE_NOT_FOUND)
+
+    def first_for_path(self, path: str) -> tuple[RouteT, dict[str, str]] | None:
+        """The route a CORS preflight (any method) for this path is about."""
+        for entry in self._entries:
+            found = entry.pattern.fullmatch(path)
+            if found is not None:
+                return entry.route, found.groupdict()
+        return None
+
+
+class MethodNotAllowed(Rejected):
+    __slots__ = ("allow",)
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(Reason.METHOD_NOT_ALLOWED)
+        self.allow = allow

@@ -1,0 +1,225 @@
+"""Forwarding to the tracking API and relaying its answer unchanged.
+
+One pooled client session for the process. An upstream that cannot be reached, times out or
+breaks mid-answer is a 502/504 from us, never a 2xx: the SDK keeps its batch and retries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from yarl import URL
+
+from gateway.auth.extract import query_name_key
+from gateway.config.settings import UpstreamSettings
+from gateway.http.client import Answer, Client, ConnectionPool, Head
+from gateway.http.messages import date_line, header_lines, normalise_header_name
+from gateway.http.outbox import Outbox
+
+# Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
+_REQUEST_DROPPED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "expect",
+        "host",
+        "content-length",
+        "x-request-id",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-auth-status",
+        "x-authenticated-user",
+    }
+)
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _connection_named(values: Iterable[str]) -> set[str]:
+    return {normalise_header_name(n.strip()) for v in values for n in v.split(",") if n.strip()}
+
+
+def is_trusted(address: str | None, trusted: Sequence[IPNetwork]) -> bool:
+    if not trusted or address is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+def client_address(
+    peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[IPNetwork]
+) -> str | None:
+    """The first address, from the right, that is not one of our trusted proxies."""
+    if not is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for v in forwarded_for for h in v.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def strip_query(raw_query: str | None, names: frozenset[str]) -> str | None:
+    """The raw query without the named parameters, in every spelling an upstream reads as
+    theirs (`query_name_key`)."""
+    if not raw_query or not names:
+        return raw_query
+    dropped = {query_name_key(n) for n in names}
+    kept = [
+        p
+        for p in raw_query.split("&")
+        if query_name_key(unquote_plus(p.partition("=")[0]).partition("[")[0]) not in dropped
+    ]
+    return "&".join(kept) if kept else None
+
+
+@dataclass(slots=True)  # one per request: a frozen dataclass's __init__ costs twice as much
+class Forwarding:
+    """What the gateway adds to, or removes from, a request it forwards."""
+
+    request_id: str
+    auth_status: str
+    authenticated_user: str | None
+    peer: str | None
+    peer_trusted: bool
+    drop: frozenset[str]  # further normalised names: token headers, a decoded Content-Encoding
+    token_scheme_drop: dict[str, tuple[bytes, ...]]  # name → values starting b"scheme " dropped
+
+
+# Headers that name the client's address. Upstreams, their frameworks and their rate limiters
+# believe them (Flask's ProxyFix, nginx's real_ip, Cloudflare-aware apps), so from a client that
+# is not one of our trusted proxies they are dropped: otherwise anyone could pick the address an
+# event is recorded from.
+_CLIENT_ADDRESS = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "fastly-client-ip",
+    }
+)
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}) | (
+    _CLIENT_ADDRESS
+)
+_NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
+
+
+def forward_headers(
+    keys: list[str], raw_headers: list[tuple[bytes, bytes]], forwarding: Forwarding
+) -> list[bytes]:
+    """The request's headers as the upstream gets them ("Name: value" lines, the client's
+    bytes unchanged), in one pass over what was received; `keys` are their `header_key`s."""
+    connection_named: frozenset[str] | set[str] = frozenset()
+    if "connection" in keys:  # headers the client marked hop-by-hop, wherever they came
+        connection_named = _connection_named(
+            value.decode("latin-1")
+            for key, (_, value) in zip(keys, raw_headers, strict=True)
+            if key == "connection"
+        )
+    drop, scheme_drop, trusted = (
+        forwarding.drop,
+        forwarding.token_scheme_drop,
+        forwarding.peer_trusted,
+    )
+    lines: list[bytes] = []
+    forwarded_for: list[bytes] = []
+    kept_forwarded: dict[str, bytes] = {}
+    host: bytes | None = None
+    for key, (raw_name, raw_value) in zip(keys, raw_headers, strict=True):
+        if key in _NOT_RELAYED:
+            if key == "host":
+                host = raw_value if host is None else host
+            elif trusted and key in _FORWARDING:  # from an untrusted peer, dropped
+                if key == "x-forwarded-for":
+                    forwarded_for.append(raw_value)
+                elif key in _CLIENT_ADDRESS:
+                    if key not in connection_named:
+                        lines.append(raw_name + b": " + raw_value)
+                else:
+                    kept_forwarded.setdefault(key, raw_value)
+            continue
+        if key in drop or key in connection_named:
+            continue
+        if key in scheme_drop and raw_value.strip().lower().startswith(scheme_drop[key]):
+            continue
+        lines.append(raw_name + b": " + raw_value)
+    forwarded_for.append((forwarding.peer or "unknown").encode())
+    lines += (
+        b"X-Forwarded-For: " + b", ".join(forwarded_for),
+        b"X-Forwarded-Proto: " + kept_forwarded.get("x-forwarded-proto", b"http"),
+        b"X-Forwarded-Host: " + kept_forwarded.get("x-forwarded-host", host or b""),
+        b"X-Request-Id: " + forwarding.request_id.encode(),
+        b"X-Auth-Status: " + forwarding.auth_status.encode(),
+    )
+    if forwarding.authenticated_user is not None:
+        lines.append(b"X-Authenticated-User: " + forwarding.authenticated_user.encode())
+    return lines
+
+
+def response_headers(head: Head, owned: list[tuple[str, str]]) -> list[bytes]:
+    """The upstream's end-to-end header lines, with the gateway's `owned` headers in place of
+    any the upstream sent under those names, and a `Date` if it sent none."""
+    replaced = [name.lower().encode() for name, _ in owned]
+    if any(name in head.names for name in replaced):
+        out = [line for line in head.lines if line.partition(b":")[0].lower() not in replaced]
+    else:
+        out = list(head.lines)
+    out += header_lines(owned)
+    if b"date" not in head.names:
+        out.append(date_line())
+    return out
+
+
+class Upstream:
+    """The pooled HTTP/1.1 client to the tracking API."""
+
+    # An answer up to this size is read whole before we reply, so an upstream that breaks
+    # mid-answer still gets a 502 rather than a truncated 2xx.
+    BUFFER_BYTES = 1 << 20
+
+    def __init__(self, settings: UpstreamSettings, outbox: Outbox) -> None:
+        url = URL(settings.url)
+        self._prefix = url.raw_path.rstrip("/")  # validated: http://host[:port][/prefix]
+        assert url.host is not None
+        host_header = url.raw_host or url.host
+        if url.explicit_port:
+            host_header = f"{host_header}:{url.port}"
+        self._pool = ConnectionPool(
+            url.host,
+            url.port or 80,
+            settings.max_connections,
+            settings.connect_timeout_seconds,
+            settings.timeout_seconds,
+            outbox,
+        )
+        self._client = Client(self._pool, host_header, self.BUFFER_BYTES)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def send(
+        self, method: str, path: str, query: str | None, header_lines: list[bytes], body: bytes
+    ) -> Coroutine[Any, Any, Answer]:
+        """The exchange, to await; it raises TimeoutError past the deadline and one of
+        `UPSTREAM_FAILURES` when the upstream breaks (the caller maps them to its answers;
+        a wrapping coroutine here would cost one more frame per request)."""
+        # Path and query were validated as plain RFC 3986 text: sent exactly as received.
+        target = self._prefix + path if query is None else f"{self._prefix}{path}?{query}"
+        return self._client.request(method, target, header_lines, body)

@@ -1,0 +1,224 @@
+"""One request as the pipeline reads it, and the answer it gives back.
+
+The connection (`server_protocol.py`) fills a `Request` as the parser reads it: the head at
+once, the body as it arrives. The pipeline reads headers by name, waits for the body only when
+it did not come with the head, and returns a `Response` for the connection to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from enum import Enum
+from typing import Protocol
+
+from gateway.base.memo import BoundedMemo
+from gateway.refusals.reasons import Reason, Rejected
+
+_REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
+_request_numbers = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
+
+
+_date_line: list[tuple[int, bytes]] = [(-1, b"")]  # formatted once a second
+
+
+def date_line() -> bytes:
+    """The `Date` header line for an answer the gateway writes itself."""
+    second = int(time.time())
+    cached_second, line = _date_line[0]
+    if second != cached_second:
+        line = b"Date: " + formatdate(second, usegmt=True).encode()
+        _date_line[0] = (second, line)
+    return line
+
+
+def normalise_header_name(name: str) -> str:
+    """A header's name as the gateway reads it: lower case, `_` read as `-` (CGI-style servers
+    read X_Auth_Status as X-Auth-Status, so the gateway must too)."""
+    return name.lower().replace("_", "-")
+
+
+_header_keys: BoundedMemo[bytes, str] = BoundedMemo(4096)
+
+
+def header_key(raw_name: bytes) -> str:
+    """`normalise_header_name` of a received name, each distinct one computed once."""
+    key = _header_keys.get(raw_name)
+    if key is None:
+        key = _header_keys.keep(raw_name, normalise_header_name(raw_name.decode("latin-1")))
+    return key
+
+
+def header_lines(headers: Iterable[tuple[str, str]]) -> list[bytes]:
+    return [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in headers]
+
+
+class Channel(Protocol):
+    """What a request may ask of the connection it came on before its answer is ready."""
+
+    def send_continue(self) -> None: ...
+
+    async def stream(
+        self, response: Response, rest: AsyncIterator[bytes], within_seconds: float
+    ) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BodyState(Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    TOO_LARGE = "too_large"  # past the limit: the rest is read and dropped
+    BROKEN = "broken"  # bad framing, or the client went away mid-body
+
+
+class Request:
+    __slots__ = (
+        "_chunks",
+        "_keys",
+        "_limit",
+        "_size",
+        "_waiter",
+        "body_state",
+        "channel",
+        "content_length",
+        "expects_continue",
+        "keep_alive",
+        "method",
+        "raw_headers",
+        "raw_path",
+        "remote",
+        "version",
+    )
+
+    def __init__(
+        self,
+        channel: Channel,
+        method: str,
+        raw_path: str,
+        version: str,
+        raw_headers: list[tuple[bytes, bytes]],
+        remote: str | None,
+        *,
+        keep_alive: bool,
+        content_length: int | None,
+        expects_continue: bool,
+        body_limit: int,
+    ) -> None:
+        self.channel = channel
+        self.method = method
+        self.raw_path = raw_path  # the request target as sent, path and query
+        self.version = version  # "1.1" or "1.0"
+        self.raw_headers = raw_headers  # (name, value) as received, in order
+        self.remote = remote
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.expects_continue = expects_continue
+        self.body_state = BodyState.RECEIVING
+        self._limit = body_limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._keys: list[str] | None = None
+
+    # --- headers -------------------------------------------------------------------------------
+
+    def header_keys(self) -> list[str]:
+        """Each received header's `header_key`, in the order of `raw_headers`."""
+        keys = self._keys
+        if keys is None:
+            known = _header_keys.get
+            keys = self._keys = [known(name) or header_key(name) for name, _ in self.raw_headers]
+        return keys
+
+    def header(self, key: str) -> str | None:
+        """The first value of a header, by its `header_key`."""
+        keys = self.header_keys()
+        if key not in keys:
+            return None
+        return self.raw_headers[keys.index(key)][1].decode("utf-8", "surrogateescape")
+
+    def header_values(self, key: str) -> list[str]:
+        keys = self.header_keys()
+        if key not in keys:
+            return []
+        return [
+            value.decode("utf-8", "surrogateescape")
+            for k, (_, value) in zip(keys, self.raw_headers, strict=True)
+            if k == key
+        ]
+
+    # --- the body, as the connection receives it -----------------------------------------------
+
+    def receive(self, chunk: bytes) -> None:
+        if self.body_state is not BodyState.RECEIVING:
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._chunks.clear()
+            self._end(BodyState.TOO_LARGE)
+        else:
+            self._chunks.append(chunk)
+
+    def complete(self) -> None:
+        if self.body_state is BodyState.RECEIVING:
+            self._end(BodyState.COMPLETE)
+
+    def broken(self) -> None:
+        if self.body_state is BodyState.RECEIVING:
+            self._chunks.clear()
+            self._end(BodyState.BROKEN)
+
+    def _end(self, state: BodyState) -> None:
+        self.body_state = state
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the body, as the pipeline reads it ----------------------------------------------------
+
+    def complete_body(self) -> bytes | None:
+        """The body, when it came whole with the head and no `100 Continue` is owed; else None
+        (then `body` waits for it)."""
+        if self.body_state is not BodyState.COMPLETE or self.expects_continue:
+            return None
+        chunks = self._chunks
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def body(self, within_seconds: float) -> bytes:
+        """The whole body; 413 past the limit, 400 for broken framing or running out of time."""
+        if self.expects_continue:  # sent even when the body came early: the client asked
+            self.expects_continue = False
+            self.channel.send_continue()
+        if self.body_state is BodyState.RECEIVING:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(within_seconds):
+                    await self._waiter
+            except TimeoutError:
+                self.broken()
+                raise Rejected(Reason.BODY_TIMEOUT) from None
+        if self.body_state is BodyState.COMPLETE:
+            chunks = self._chunks
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.body_state is BodyState.TOO_LARGE:
+            raise Rejected(Reason.BODY_TOO_LARGE)
+        raise Rejected(Reason.HTTP_MALFORMED)
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list[bytes]  # "Name: value" lines; the connection adds the framing ones
+    body: bytes = b""
+    close: bool = False  # the connection closes after this answer
+    streamed: bool = False  # already written by `Channel.stream`
