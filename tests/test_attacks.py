@@ -151,7 +151,7 @@ async def access_log(gateway: RunningGateway, count: int) -> list[dict[str, Any]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
     while True:
-        gateway.server.gateway.access_log.flush()
+        gateway.server.pipeline.access_log.flush()
         if len(gateway.log_lines) >= count or loop.time() > deadline:
             assert len(gateway.log_lines) >= count
             return gateway.log_lines

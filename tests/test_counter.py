@@ -231,7 +231,7 @@ async def test_monitor_counts_but_never_limits(
     statuses = {(await send(http, gateway, session))[0] for _ in range(15)}
     assert statuses == {200}
     assert len(upstream.received) == 15
-    counter = gateway.server.gateway.counter
+    counter = gateway.server.pipeline.counter
     assert isinstance(counter, MemoryFailureCounter)
     assert len(counter) == 1
 

@@ -44,10 +44,11 @@ from gateway.auth.extract import (
 )
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.subject import IdMapSubject, ScalarSubject
+from gateway.auth.target import parse_target
 from gateway.auth.verify import TokenVerifier, VerifiedToken
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import CompiledConfig, compile_config
-from gateway.config.router import RouteEntry, Router, compile_template, parse_target
+from gateway.config.router import RouteEntry, Router, compile_template
 from gateway.config.settings import ConfigError, Problem, load_settings, parse_settings
 from gateway.refusals.reasons import Rejected
 from tests.conftest import (
@@ -1420,7 +1421,7 @@ async def access_log_record(gateway: RunningGateway, request_id: str) -> dict[st
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
     while True:
-        gateway.server.gateway.access_log.flush()
+        gateway.server.pipeline.access_log.flush()
         found = [r for r in gateway.log_lines if r["request_id"] == request_id]
         if found or loop.time() > deadline:
             assert len(found) == 1, f"{len(found)} access-log records for {request_id}"

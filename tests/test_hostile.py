@@ -131,7 +131,7 @@ async def access_log_lines(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     while True:
-        gateway.server.gateway.access_log.flush()
+        gateway.server.pipeline.access_log.flush()
         if len(gateway.log_lines) >= count or loop.time() > deadline:
             return gateway.log_lines
         await asyncio.sleep(0.01)
@@ -192,7 +192,7 @@ async def test_non_ascii_or_control_path_byte_is_refused(
 ) -> None:
     answer = await raw_request(gateway.port, request_with_target(target))
     # aiohttp's HTTP parser (llhttp) already refuses these bytes in a request target, so the
-    # contract's 400 comes from gateway/http/server.py; a lenient parser would leave it to the router.
+    # contract's 400 comes from the HTTP parser; a lenient one would leave it to the router.
     reason = json.loads(answer.body)["error"]["reason"]
     assert reason in ("http_malformed", "path_invalid")
     assert_bad_request(answer, reason)
@@ -934,7 +934,7 @@ async def test_monitor_forwards_hostile_body_unverified(
     for name, value in hostile.headers:
         if name.lower() in ("content-type", "content-encoding"):
             assert forwarded[name.lower()] == value
-    gateway.server.gateway.access_log.flush()
+    gateway.server.pipeline.access_log.flush()
     assert gateway.log_lines[-1]["decision"] == "would_reject"
     assert gateway.log_lines[-1]["reason"] == hostile.reason
 

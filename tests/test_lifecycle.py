@@ -286,7 +286,7 @@ async def test_request_after_the_listener_closed_is_shutting_down(
         assert first.startswith(b"HTTP/1.1 200")
         length = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         await reader.readexactly(length)
-        gateway.server.gateway.stopping = True  # what stop() sets as it closes the listener
+        gateway.server.pipeline.stopping = True  # what stop() sets as it closes the listener
         writer.write(request)
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
         assert head.startswith("HTTP/1.1 503")

@@ -213,7 +213,7 @@ async def test_gateway_with_redis_limits_and_survives_an_outage(
             assert ready.status == 200
     finally:
         redis_server.resume()
-    counter = gateway.server.gateway.counter
+    counter = gateway.server.pipeline.counter
     assert isinstance(counter, RedisFailureCounter)
     assert counter.errors >= 5
 

@@ -48,7 +48,7 @@ async def routed(gateway: RunningGateway, count: int) -> list[str | None]:
     """The `route` of each of the first `count` access-log lines, once they are written."""
 
     async def written() -> bool:
-        gateway.server.gateway.access_log.flush()
+        gateway.server.pipeline.access_log.flush()
         return len(gateway.log_lines) >= count
 
     await eventually(written, f"{count} access-log lines", seconds=5)

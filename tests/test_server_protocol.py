@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.forwarding.headers import Upstream as UpstreamClient
-from gateway.http.server import LINGER_SECONDS, MAX_QUEUED, HttpServer
+from gateway.forwarding.upstream import Upstream as UpstreamClient
+from gateway.http.connection import LINGER_SECONDS, MAX_QUEUED
+from gateway.http.server import HttpServer
 from tests.conftest import (
     GatewayFactory,
     Handler,

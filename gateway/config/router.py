@@ -1,10 +1,8 @@
-"""Request targets: strict path validation, then first-match routing on compiled templates.
+"""First-match routing on compiled path templates.
 
-The path is accepted only in a form with one reading (RFC 3986 unreserved characters and `/`,
-no empty, `.` or `..` segment, though it may end in `/`), so the path matched is byte for byte
-the path forwarded and no upstream can normalise it into another route. `/batch` and `/batch/`
-are different paths to many upstreams (PostHog takes `/batch/`), so a route matches a path that
-ends in `/` only when its own template does, and never the other way round.
+A path reaches the router only in the one form `gateway.auth.target` accepts. `/batch` and
+`/batch/` are different paths to many upstreams (PostHog takes `/batch/`), so a route matches a
+path that ends in `/` only when its own template does, and never the other way round.
 """
 
 from __future__ import annotations
@@ -13,35 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from gateway.auth.target import SEGMENT_CHARS
 from gateway.base.memo import BoundedMemo
 from gateway.refusals.reasons import Reason, Rejected
-
-_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+/?")
-_QUERY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
-_SEGMENT_CHARS = "[A-Za-z0-9._~-]+"
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    path: str
-    query: str | None  # raw, as received; None when the target has no `?`
-
-
-_targets: BoundedMemo[str, Target] = BoundedMemo(4096)  # valid targets; refused ones not kept
-
-
-def parse_target(raw: str) -> Target:
-    target = _targets.get(raw)
-    return target if target is not None else _targets.keep(raw, _parse_target(raw))
-
-
-def _parse_target(raw: str) -> Target:
-    path, sep, query = raw.partition("?")
-    if not _PATH.fullmatch(path):
-        raise Rejected(Reason.PATH_INVALID)
-    if sep and not _QUERY.fullmatch(query):
-        raise Rejected(Reason.PATH_INVALID)
-    return Target(path, query if sep else None)
 
 
 class TemplateError(ValueError):
@@ -61,7 +33,7 @@ def compile_template(template: str) -> re.Pattern[str]:
         if char == "}":
             raise TemplateError(f"unbalanced }} at offset {i}")
         if char != "{":
-            if not (char == "/" or re.fullmatch(_SEGMENT_CHARS, char)):
+            if not (char == "/" or re.fullmatch(SEGMENT_CHARS, char)):
                 raise TemplateError(f"character {char!r} can never match a valid path")
             out.append(re.escape(char))
             literal += char
@@ -79,7 +51,7 @@ def compile_template(template: str) -> re.Pattern[str]:
         if name in names:
             raise TemplateError(f"placeholder {name!r} appears twice")
         names.add(name)
-        out.append(f"(?P<{name}>{pattern or _SEGMENT_CHARS})")
+        out.append(f"(?P<{name}>{pattern or SEGMENT_CHARS})")
         literal += "{}"
         i = j
     # The segments parse_target refuses, so a route with one could never match any request.

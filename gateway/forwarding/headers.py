@@ -1,24 +1,20 @@
-"""Forwarding to the tracking API and relaying its answer unchanged.
+"""The headers of a forwarded request and of the answer relayed back.
 
-One pooled client session for the process. An upstream that cannot be reached, times out or
-breaks mid-answer is a 502/504 from us, never a 2xx: the SDK keeps its batch and retries.
+Towards the upstream: hop-by-hop fields, the token and the gateway's own headers go; the
+client's address headers stay only from a trusted proxy; the gateway's verdict is added. Back:
+the upstream's end-to-end fields, with the gateway's own in place of any of the same name.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote_plus
 
-from yarl import URL
-
 from gateway.auth.extract import query_name_key
-from gateway.config.settings import UpstreamSettings
-from gateway.http.client import Answer, Client, ConnectionPool, Head
+from gateway.http.client import Head
 from gateway.http.messages import date_line, header_lines, normalise_header_name
-from gateway.http.outbox import Outbox
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
 _REQUEST_DROPPED = frozenset(
@@ -185,41 +181,3 @@ def response_headers(head: Head, owned: list[tuple[str, str]]) -> list[bytes]:
     if b"date" not in head.names:
         out.append(date_line())
     return out
-
-
-class Upstream:
-    """The pooled HTTP/1.1 client to the tracking API."""
-
-    # An answer up to this size is read whole before we reply, so an upstream that breaks
-    # mid-answer still gets a 502 rather than a truncated 2xx.
-    BUFFER_BYTES = 1 << 20
-
-    def __init__(self, settings: UpstreamSettings, outbox: Outbox) -> None:
-        url = URL(settings.url)
-        self._prefix = url.raw_path.rstrip("/")  # validated: http://host[:port][/prefix]
-        assert url.host is not None
-        host_header = url.raw_host or url.host
-        if url.explicit_port:
-            host_header = f"{host_header}:{url.port}"
-        self._pool = ConnectionPool(
-            url.host,
-            url.port or 80,
-            settings.max_connections,
-            settings.connect_timeout_seconds,
-            settings.timeout_seconds,
-            outbox,
-        )
-        self._client = Client(self._pool, host_header, self.BUFFER_BYTES)
-
-    async def close(self) -> None:
-        await self._pool.close()
-
-    def send(
-        self, method: str, path: str, query: str | None, header_lines: list[bytes], body: bytes
-    ) -> Coroutine[Any, Any, Answer]:
-        """The exchange, to await; it raises TimeoutError past the deadline and one of
-        `UPSTREAM_FAILURES` when the upstream breaks (the caller maps them to its answers;
-        a wrapping coroutine here would cost one more frame per request)."""
-        # Path and query were validated as plain RFC 3986 text: sent exactly as received.
-        target = self._prefix + path if query is None else f"{self._prefix}{path}?{query}"
-        return self._client.request(method, target, header_lines, body)

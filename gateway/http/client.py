@@ -18,25 +18,12 @@ from dataclasses import dataclass
 from typing import cast
 
 from gateway.base.memo import BoundedMemo
+from gateway.http.errors import UpstreamBroken, UpstreamUnreachable
 from gateway.http.outbox import Outbox
-from gateway.refusals.reasons import Reason, Rejected
 
 MAX_HEAD_BYTES = 64 * 1024
 PIECE_BYTES = 64 * 1024  # the most of a body read (and relayed) at once, whatever was declared
 _NO_BODY_STATUSES = frozenset({204, 304})
-
-
-class UpstreamBroken(Exception):
-    """The upstream sent something that is not one well-formed HTTP/1.1 answer."""
-
-
-# Everything a broken or vanished upstream raises mid-exchange.
-UPSTREAM_FAILURES = (
-    UpstreamBroken,
-    asyncio.IncompleteReadError,
-    asyncio.LimitOverrunError,
-    OSError,
-)
 
 
 class _Connection(asyncio.Protocol):
@@ -240,7 +227,7 @@ class ConnectionPool:
                 if waiter.done() and not waiter.cancelled():
                     self._wake()  # woken just as it gave up: the turn passes to the next one
                 if isinstance(exc, TimeoutError):
-                    raise Rejected(Reason.UPSTREAM_CONNECT) from None
+                    raise UpstreamUnreachable from None
                 raise
             idle = self._take_idle()
             if idle is not None:
@@ -254,7 +241,7 @@ class ConnectionPool:
         except (OSError, TimeoutError):
             self._open -= 1
             self._wake()
-            raise Rejected(Reason.UPSTREAM_CONNECT) from None
+            raise UpstreamUnreachable from None
         return connection
 
     def release(self, connection: _Connection, reusable: bool) -> None:

@@ -1,6 +1,6 @@
 """One request as the pipeline reads it, and the answer it gives back.
 
-The connection (`server_protocol.py`) fills a `Request` as the parser reads it: the head at
+The connection (`connection.py`) fills a `Request` as the parser reads it: the head at
 once, the body as it arrives. The pipeline reads headers by name, waits for the body only when
 it did not come with the head, and returns a `Response` for the connection to write.
 """
@@ -11,14 +11,14 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import Enum
 from typing import Protocol
 
 from gateway.base.memo import BoundedMemo
-from gateway.refusals.reasons import Reason, Rejected
+from gateway.http.errors import BodyBroken, BodyTimeout, BodyTooLarge
 
 _REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
 _request_numbers = itertools.count()
@@ -66,12 +66,6 @@ class Channel(Protocol):
     """What a request may ask of the connection it came on before its answer is ready."""
 
     def send_continue(self) -> None: ...
-
-    async def stream(
-        self, response: Response, rest: AsyncIterator[bytes], within_seconds: float
-    ) -> None: ...
-
-    def abort(self) -> None: ...
 
 
 class BodyState(Enum):
@@ -195,7 +189,8 @@ class Request:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def body(self, within_seconds: float) -> bytes:
-        """The whole body; 413 past the limit, 400 for broken framing or running out of time."""
+        """The whole body; `BodyTooLarge` past the limit, `BodyTimeout` when it has not come
+        within `within_seconds`, `BodyBroken` for bad framing or a client gone mid-body."""
         if self.expects_continue:  # sent even when the body came early: the client asked
             self.expects_continue = False
             self.channel.send_continue()
@@ -206,19 +201,35 @@ class Request:
                     await self._waiter
             except TimeoutError:
                 self.broken()
-                raise Rejected(Reason.BODY_TIMEOUT) from None
+                raise BodyTimeout from None
         if self.body_state is BodyState.COMPLETE:
             chunks = self._chunks
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if self.body_state is BodyState.TOO_LARGE:
-            raise Rejected(Reason.BODY_TOO_LARGE)
-        raise Rejected(Reason.HTTP_MALFORMED)
+            raise BodyTooLarge
+        raise BodyBroken
+
+
+def _unobserved(error: BaseException | None) -> None:
+    pass
+
+
+@dataclass(slots=True)
+class Streamed:
+    """The rest of an answer's body, relayed as it arrives. The connection writes it (chunked
+    for HTTP/1.1), cuts the connection with a reset if `pieces` raises or the client takes
+    nothing for `within_seconds`, closes `pieces` in every case, then calls `finished` with
+    what `pieces` raised (None when it ended, or when the client was cut)."""
+
+    pieces: AsyncGenerator[bytes, None]
+    within_seconds: float
+    finished: Callable[[BaseException | None], None] = _unobserved
 
 
 @dataclass(slots=True)
 class Response:
     status: int
     headers: list[bytes]  # "Name: value" lines; the connection adds the framing ones
-    body: bytes = b""
+    body: bytes = b""  # the whole body, or its first part when `stream` is set
     close: bool = False  # the connection closes after this answer
-    streamed: bool = False  # already written by `Channel.stream`
+    stream: Streamed | None = None

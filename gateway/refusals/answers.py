@@ -111,12 +111,21 @@ def render_error(
     request_id: str,
     *,
     error_format: ErrorFormat = ErrorFormat.STANDARD,
+    cause: Reason | None = None,
     retry_after: int | None = None,
-    limited: bool = False,
     allow: str | None = None,
 ) -> ErrorAnswer:
-    """The answer for `reason`; `limited` turns a token failure into the 429 that carries it."""
-    template = _TEMPLATES[reason, error_format, limited]
+    """The answer for `reason`. `SESSION_LIMITED` is the 429 whose body names its `cause`, the
+    token failure that found the session past its threshold; `retry_after` overrides the
+    reason's own (the session's window, for that 429)."""
+    if reason is Reason.SESSION_LIMITED:
+        assert cause is not None
+        assert cause.code.counts_for_session
+        template = _TEMPLATES[cause, error_format, True]
+    else:
+        template = _TEMPLATES[reason, error_format, False]
+        if retry_after is None:
+            retry_after = reason.code.value.retry_after_seconds
     headers = dict(template.headers)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)

@@ -1,7 +1,8 @@
 """The closed set of reasons a request is refused, each mapped once to the contract's answer.
 
 Every stage raises `Rejected(Reason.X)`; nothing else decides a status code, a `WWW-Authenticate`
-header, whether the session counter moves, or the `code` label of a metric.
+or `Retry-After` header, whether the connection closes after the answer, whether the session
+counter moves, or the labels of a metric.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ class ErrorSpec:
     status: int
     message: str
     www_authenticate: str | None = None
-    retry_after: bool = False
+    # When to try again; None where there is no fixed answer (a limited session's window ends
+    # when its counter says, and the answer carries that instead).
+    retry_after_seconds: int | None = None
 
 
 class Code(Enum):
@@ -37,16 +40,14 @@ class Code(Enum):
     METHOD_NOT_ALLOWED = ErrorSpec(405, "This route does not accept this method.")
     PAYLOAD_TOO_LARGE = ErrorSpec(413, "The request body is too large.")
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "The request body's type or encoding is not supported.")
-    AUTH_FAILURE_LIMIT = ErrorSpec(
-        429, "Too many authentication failures in this session.", retry_after=True
-    )
+    AUTH_FAILURE_LIMIT = ErrorSpec(429, "Too many authentication failures in this session.")
     INTERNAL_ERROR = ErrorSpec(500, "The gateway failed to handle this request.")
     UPSTREAM_UNAVAILABLE = ErrorSpec(
-        502, "The tracking API could not be reached; retry later.", retry_after=True
+        502, "The tracking API could not be reached; retry later.", retry_after_seconds=1
     )
     SHUTTING_DOWN = ErrorSpec(503, "The gateway is shutting down; retry on another instance.")
     KEYS_UNAVAILABLE = ErrorSpec(
-        503, "Verification keys are unavailable; retry later.", retry_after=True
+        503, "Verification keys are unavailable; retry later.", retry_after_seconds=5
     )
     UPSTREAM_TIMEOUT = ErrorSpec(504, "The tracking API did not answer in time.")
 
@@ -65,10 +66,21 @@ class ReasonSpec:
     code: Code
     phrase: str
     message: str | None = None  # in place of the code's message, when the reason says more
+    # The connection closes after the answer: the rest of the request was not read (it is
+    # only dropped for a moment), or the gateway is going away.
+    closes: bool = False
+    upstream_error: str | None = None  # the `kind` of gateway_upstream_errors_total
 
 
-def _r(code: Code, phrase: str, message: str | None = None) -> ReasonSpec:
-    return ReasonSpec(code, phrase, message)
+def _r(
+    code: Code,
+    phrase: str,
+    message: str | None = None,
+    *,
+    closes: bool = False,
+    upstream_error: str | None = None,
+) -> ReasonSpec:
+    return ReasonSpec(code, phrase, message, closes, upstream_error)
 
 
 class Reason(Enum):
@@ -81,10 +93,10 @@ class Reason(Enum):
     PROJECT_HEADER_MISSING = _r(Code.BAD_REQUEST, "project_header_missing")
     PROJECT_HEADER_DUPLICATE = _r(Code.BAD_REQUEST, "project_header_duplicate")
     # sizes and encodings
-    BODY_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "body_too_large")
-    BODY_TIMEOUT = _r(Code.BAD_REQUEST, "body_timeout")
-    BODY_NOT_ALLOWED = _r(Code.BAD_REQUEST, "body_not_allowed")
-    DECOMPRESSED_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "decompressed_too_large")
+    BODY_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "body_too_large", closes=True)
+    BODY_TIMEOUT = _r(Code.BAD_REQUEST, "body_timeout", closes=True)
+    BODY_NOT_ALLOWED = _r(Code.BAD_REQUEST, "body_not_allowed", closes=True)
+    DECOMPRESSED_TOO_LARGE = _r(Code.PAYLOAD_TOO_LARGE, "decompressed_too_large", closes=True)
     ENCODING_UNSUPPORTED = _r(
         Code.UNSUPPORTED_MEDIA_TYPE,
         "encoding_unsupported",
@@ -161,13 +173,17 @@ class Reason(Enum):
     SUBJECT_INVALID = _r(Code.TOKEN_REJECTED, "subject_invalid")
     SUBJECT_MISMATCH = _r(Code.TOKEN_REJECTED, "subject_mismatch")
     # gateway and upstream
+    # A token failure in a session past its threshold: the answer is the 429, its body names the
+    # failure as its cause (`render_error(SESSION_LIMITED, cause=...)`).
     SESSION_LIMITED = _r(Code.AUTH_FAILURE_LIMIT, "session_limited")
-    SHUTTING_DOWN = _r(Code.SHUTTING_DOWN, "shutting_down")
-    UPSTREAM_CONNECT = _r(Code.UPSTREAM_UNAVAILABLE, "upstream_connect_failed")
-    UPSTREAM_BROKEN = _r(Code.UPSTREAM_UNAVAILABLE, "upstream_failed")
-    UPSTREAM_TIMEOUT = _r(Code.UPSTREAM_TIMEOUT, "upstream_timeout")
+    SHUTTING_DOWN = _r(Code.SHUTTING_DOWN, "shutting_down", closes=True)
+    UPSTREAM_CONNECT = _r(
+        Code.UPSTREAM_UNAVAILABLE, "upstream_connect_failed", upstream_error="connect"
+    )
+    UPSTREAM_BROKEN = _r(Code.UPSTREAM_UNAVAILABLE, "upstream_failed", upstream_error="other")
+    UPSTREAM_TIMEOUT = _r(Code.UPSTREAM_TIMEOUT, "upstream_timeout", upstream_error="timeout")
     INTERNAL = _r(Code.INTERNAL_ERROR, "internal_error")
-    HTTP_MALFORMED = _r(Code.BAD_REQUEST, "http_malformed")
+    HTTP_MALFORMED = _r(Code.BAD_REQUEST, "http_malformed", closes=True)
 
     @property
     def code(self) -> Code:
@@ -180,6 +196,14 @@ class Reason(Enum):
     @property
     def message(self) -> str:
         return self.value.message or self.value.code.value.message
+
+    @property
+    def closes(self) -> bool:
+        return self.value.closes
+
+    @property
+    def upstream_error(self) -> str | None:
+        return self.value.upstream_error
 
 
 class Rejected(Exception):  # a verdict on the request, not an error of the gateway

@@ -21,11 +21,11 @@ from gateway.config.settings import ConfigError, Problem, Settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
-from gateway.forwarding.headers import Upstream
+from gateway.forwarding.upstream import Upstream
 from gateway.http.outbox import Outbox
 from gateway.http.server import HttpServer
 from gateway.http.sockets import bind
-from gateway.pipeline import Gateway
+from gateway.pipeline import Pipeline
 from gateway.runtime.admin import make_admin_app
 from gateway.telemetry.logs import AccessLog
 from gateway.telemetry.metrics import FLUSH_SECONDS, Metrics
@@ -87,7 +87,7 @@ class GatewayServer:
         config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         enabled = config.settings.access_log.enabled
         self.jwks = JwksRefresher(self._jwks_fetched)
-        self.gateway = Gateway(
+        self.pipeline = Pipeline(
             config,
             clock=self.clock,
             counter=make_counter(config, self.clock, self.metrics),
@@ -117,7 +117,7 @@ class GatewayServer:
 
     @property
     def config(self) -> CompiledConfig:
-        return self.gateway.config
+        return self.pipeline.config
 
     @property
     def public_port(self) -> int:
@@ -137,10 +137,10 @@ class GatewayServer:
             self._public_socket = bind(settings.listen)
         if self._admin_socket is None:
             self._admin_socket = bind(settings.admin_listen)
-        self.gateway.access_log.start()
+        self.pipeline.access_log.start()
         self._flusher = spawn(self._flush_metrics())
         self._public = HttpServer(
-            self.gateway, asyncio.get_running_loop(), self.outbox, self.metrics
+            self.pipeline, asyncio.get_running_loop(), self.outbox, self.metrics
         )
         await self._public.start(self._public_socket)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
@@ -189,7 +189,7 @@ class GatewayServer:
         if candidate.token_cache is not current.token_cache:  # its size changed
             candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         await self._swap_clients(current.settings, candidate)
-        self.gateway.apply(candidate)
+        self.pipeline.apply(candidate)
         logging.getLogger().setLevel(candidate.settings.log_level.upper())
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
@@ -202,12 +202,12 @@ class GatewayServer:
         retired: list[Upstream | FailureCounter] = []
         if new.upstream != old.upstream:
             upstream = Upstream(new.upstream, self.outbox)
-            retired.append(self.gateway.upstream)
-            self.gateway.upstream = upstream
+            retired.append(self.pipeline.upstream)
+            self.pipeline.upstream = upstream
         counter_settings = new.failure_counter.model_copy(update={"threshold": 0})
         if counter_settings != old.failure_counter.model_copy(update={"threshold": 0}):
-            retired.append(self.gateway.counter)
-            self.gateway.counter = make_counter(candidate, self.clock, self.metrics)
+            retired.append(self.pipeline.counter)
+            self.pipeline.counter = make_counter(candidate, self.clock, self.metrics)
         if retired:
             self._retired.extend(retired)
             spawn(self._close_retired(retired, delay=old.upstream.timeout_seconds + 1))
@@ -237,16 +237,16 @@ class GatewayServer:
     async def stop(self) -> None:
         self.draining = True
         if self._public is not None:
-            self.gateway.stopping = True
+            self.pipeline.stopping = True
             await self._public.close(self.config.settings.shutdown.grace_seconds)
             self._public = None
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
         await self._close_retired(list(self._retired))
-        await self.gateway.upstream.close()
-        await self.gateway.counter.close()
-        await self.gateway.access_log.close()
+        await self.pipeline.upstream.close()
+        await self.pipeline.counter.close()
+        await self.pipeline.access_log.close()
         await self.jwks.close()
         if self._flusher is not None:
             self._flusher.cancel()

@@ -1,21 +1,30 @@
-"""Mode + extraction + verification → one decision.
+"""The checks in the contract's order: encoding and media type, `api_key`, then `sdk_jwt`
+(identity, session, token, keys, signature, claims, subject) → one decision.
 
-`authenticate` runs the sdk_jwt checks in the contract's order and raises `Rejected` at the
-first failure; `Attempt` keeps what was learnt on the way, because a token failure is counted
-against the session the request named even though the request itself was refused.
+`check` raises what every mode refuses and returns an `sdk_jwt` failure for the pipeline to
+count, refuse or forward. `Attempt` keeps what was learnt on the way, because a token failure is
+counted against the session the request named even though the request itself was refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
-from gateway.auth.extract import FoundToken, RequestParts, extract_session, extract_token
+from gateway.auth.body import NOT_READ, JsonBody
+from gateway.auth.extract import (
+    FoundToken,
+    RequestParts,
+    extract_session,
+    extract_token,
+    parse_query,
+)
 from gateway.auth.subject import Identity
+from gateway.auth.target import Target
 from gateway.auth.verify import VerifiedToken
 from gateway.config.projects import Project
 from gateway.config.routes import API_KEY_SOURCE, Route
-from gateway.refusals.reasons import Reason, Rejected
+from gateway.refusals.reasons import Code, Reason, Rejected
 
 
 class AuthStatus:
@@ -67,3 +76,59 @@ def authenticate(
         raise Rejected(Reason.SUBJECT_MISMATCH)
     attempt.verified = verified
     return AuthStatus.VERIFIED
+
+
+@dataclass(slots=True)
+class Checked:
+    """What the checks made of a request: the body to forward and the auth outcome."""
+
+    body: bytes
+    decoded: bool = False  # the body was decompressed: it goes on without its Content-Encoding
+    status: str = AuthStatus.DISABLED
+    attempt: Attempt = field(default_factory=Attempt)
+    failure: Reason | None = None
+
+    @property
+    def token_fingerprint(self) -> str | None:
+        """12 hex digits of the token's SHA-256, for the log."""
+        token = self.attempt.token
+        return None if token is None else token.digest[:6].hex()
+
+
+def check(
+    route: Route,
+    project: Project,
+    parts: RequestParts,
+    target: Target,
+    body: bytes,
+    reading: JsonBody | None,
+    max_token_bytes: int,
+    mode: str,
+) -> Checked:
+    """Raises what every mode refuses (an `api_key` failure, a body too large once decoded,
+    any encoding problem in `required`); returns the rest as `failure`."""
+    checked = Checked(body)
+    if reading is not None:
+        checked.body, checked.decoded = reading.forwarded, reading.decoded
+        refused = reading.encoding_refused
+        if refused is not None:
+            if mode == "required" or refused.code is Code.PAYLOAD_TOO_LARGE:
+                raise Rejected(refused)
+            checked.failure = refused
+    if route.api_key:
+        check_api_key(project, parts)
+    if mode == "disabled" or checked.failure is not None:
+        return checked
+    if reading is not None:
+        checked.failure = reading.parse_refused
+        if checked.failure is not None:
+            return checked
+        if reading.document is not NOT_READ:
+            parts.body, parts.walked = reading.document, reading.walked
+    try:
+        if route.reads_query:
+            parts.query = parse_query(target.query)
+        checked.status = authenticate(route, project, parts, max_token_bytes, checked.attempt)
+    except Rejected as refused:
+        checked.failure = refused.reason
+    return checked

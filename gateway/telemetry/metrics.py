@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway import __version__
+from gateway.refusals.reasons import Reason
 
 NO_ROUTE = "_none"
 FLUSH_SECONDS = 0.5
@@ -191,8 +192,9 @@ class Metrics:
         )
         self.build_info.labels(__version__).set(1)
         self.upstream_error = {
-            kind: self.tally(self.upstream_errors.labels(kind))
-            for kind in ("connect", "timeout", "other")
+            reason: self.tally(self.upstream_errors.labels(reason.upstream_error))
+            for reason in Reason
+            if reason.upstream_error is not None
         }
         self.connections_refused_by = {
             reason: self.tally(self.connections_refused.labels(reason))
@@ -202,6 +204,14 @@ class Metrics:
             self.config_reloads.labels(result)
         self.cache_hit = self.tally(self.token_cache.labels("hit"))
         self.cache_miss = self.tally(self.token_cache.labels("miss"))
+
+    # --- what the public listener reports (gateway.http.handler.ConnectionCounts) -------------
+
+    def connections_open(self, count: int) -> None:
+        self.open_client_connections = count
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused_by[reason].inc()
 
     def tally(self, child: Counter) -> Tally:
         recorder = self._recorders.get(id(child))

@@ -1,0 +1,40 @@
+"""What one request became, gathered as the stages run: for its answer, its metrics and its
+access-log record."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gateway.config.projects import Project
+from gateway.config.routes import Route
+from gateway.http.messages import Request, new_request_id
+from gateway.refusals.reasons import Reason
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: Request) -> str:
+    """The client's `X-Request-Id` when it is one we can echo unescaped, else a new one."""
+    incoming = request.header("x-request-id")
+    if incoming is not None and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return new_request_id()
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    route: Route | None = None
+    project: Project | None = None
+    project_id: str | None = None
+    mode: str = "disabled"
+    decision: str | None = None
+    decision_reason: Reason | None = None  # why auth refused (or would have): the metric's code
+    reason: Reason | None = None  # why the answer is an error, whatever stage gave it
+    upstream_status: int | None = None
+    client: str | None = None
+    cors_headers: dict[str, str] | None = None  # for an Origin the route's `cors` lists
+    token_fingerprint: str | None = None  # 12 hex digits of the token's SHA-256, for the log
+    parsed: bool = True  # False: the HTTP parser refused it; method and path are unknown
+    authenticating: bool = False  # past route and size checks: a refusal is an auth decision

@@ -1,0 +1,107 @@
+"""Forwarding: the request as the upstream gets it, the exchange, and the answer relayed back
+with the gateway's own headers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.auth.target import Target
+from gateway.config.projects import Project
+from gateway.forwarding.headers import (
+    Forwarding,
+    IPNetwork,
+    forward_headers,
+    is_trusted,
+    response_headers,
+    strip_query,
+)
+from gateway.forwarding.upstream import FAILURES, Upstream, failure_reason
+from gateway.http.client import Answer
+from gateway.http.messages import Request, Response, Streamed
+from gateway.refusals.reasons import Rejected
+from gateway.stages.authenticate import Checked
+from gateway.stages.exchange import Exchange
+from gateway.telemetry.metrics import Timings
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A request as the upstream gets it."""
+
+    method: str
+    path: str
+    query: str | None
+    header_lines: list[bytes]
+    body: bytes
+
+
+def outgoing(
+    request: Request,
+    target: Target,
+    exchange: Exchange,
+    checked: Checked,
+    status: str,
+    trusted_proxies: Sequence[IPNetwork],
+) -> Outgoing:
+    route, project = exchange.route, exchange.project
+    assert route is not None
+    assert project is not None
+    verified = checked.attempt.verified
+    forwarding = Forwarding(
+        request_id=exchange.request_id,
+        auth_status=status,
+        authenticated_user=project.subject.header(checked.attempt.identity, verified.user)
+        if verified
+        else None,
+        peer=request.remote,
+        peer_trusted=is_trusted(request.remote, trusted_proxies),
+        drop=route.token_header_drop | {"content-encoding"}
+        if checked.decoded
+        else route.token_header_drop,
+        token_scheme_drop=route.token_scheme_drop,
+    )
+    return Outgoing(
+        request.method,
+        target.path,
+        strip_query(target.query, route.token_query_drop),
+        forward_headers(request.header_keys(), request.raw_headers, forwarding),
+        checked.body,
+    )
+
+
+async def exchange_with(upstream: Upstream, sent: Outgoing, timings: Timings) -> Answer:
+    """The upstream's answer; 502/504 when it cannot be had."""
+    started = time.perf_counter()
+    try:
+        return await upstream.send(sent.method, sent.path, sent.query, sent.header_lines, sent.body)
+    except FAILURES as exc:
+        raise Rejected(failure_reason(exc)) from None
+    finally:
+        timings.observe(time.perf_counter() - started)
+
+
+def relayed(
+    answer: Answer, exchange: Exchange, checked: Checked, now: float, within_seconds: float
+) -> Response:
+    """The upstream's answer with the gateway's own headers: the request id, CORS, and a
+    warning when the token is about to expire. A body past the buffer is relayed as it comes,
+    and the client that stops reading it is cut after `within_seconds`."""
+    exchange.upstream_status = answer.status
+    owned = [("X-Request-Id", exchange.request_id)]
+    if exchange.cors_headers:
+        owned += exchange.cors_headers.items()
+    verified = checked.attempt.verified
+    if verified is not None:
+        project: Project | None = exchange.project
+        assert project is not None
+        expires_in = verified.exp - now
+        if expires_in <= project.expiry_warning_seconds:
+            owned.append(("X-Auth-Warning", "TOKEN_ABOUT_TO_EXPIRE"))
+            owned.append(("X-Auth-Token-Expires-In", str(max(0, math.floor(expires_in)))))
+    response = Response(answer.status, response_headers(answer.head, owned), answer.body)
+    if answer.rest is not None:
+        response.stream = Streamed(answer.rest, within_seconds)
+    return response

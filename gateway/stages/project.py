@@ -1,0 +1,21 @@
+"""Which project a request is for: `{project}` in the path, a header, or the route's fixed id."""
+
+from __future__ import annotations
+
+from gateway.auth.extract import RequestParts
+from gateway.config.routes import ProjectFixed, ProjectFromHeader, Route
+from gateway.refusals.reasons import Reason, Rejected
+
+
+def project_id(route: Route, params: dict[str, str], parts: RequestParts) -> str:
+    source = route.project_from
+    if isinstance(source, ProjectFixed):
+        return source.id
+    if isinstance(source, ProjectFromHeader):
+        values = parts.headers.get(source.name)
+        if not values or not values[0].strip():
+            raise Rejected(Reason.PROJECT_HEADER_MISSING)
+        if len(values) > 1:
+            raise Rejected(Reason.PROJECT_HEADER_DUPLICATE)
+        return values[0].strip()
+    return params[source.group]
