@@ -74,11 +74,13 @@ test: deps $(DEV) $(NODE_MODULES)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy --strict gateway tests
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
 lint: $(DEV)
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(DEV)
 	$(BIN)/mypy --strict gateway tests

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.verify import _b64decode
 from gateway.base.memo import BoundedMemo
-from gateway.http.client import parse_head
 from gateway.http.messages import header_key
+from gateway.http.response_head import parse_head
 from gateway.refusals.reasons import Reason, Rejected
 from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
 

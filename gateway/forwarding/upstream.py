@@ -13,9 +13,10 @@ from typing import Any
 from yarl import URL
 
 from gateway.config.settings import UpstreamSettings
-from gateway.http.client import Answer, Client, ConnectionPool
+from gateway.http.client import Answer, Client
 from gateway.http.errors import UPSTREAM_FAILURES, UpstreamUnreachable
 from gateway.http.outbox import Outbox
+from gateway.http.pool import ConnectionPool
 from gateway.refusals.reasons import Reason
 
 # What an exchange with the upstream may raise.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -20,17 +19,14 @@ import httptools
 
 from gateway.http import framing
 from gateway.http.handler import Handler
-from gateway.http.messages import BodyState, Request, Response, Streamed
+from gateway.http.messages import BodyState, Request, Response
 from gateway.http.outbox import Outbox
+from gateway.http.output import Output
 from gateway.http.parsing import RequestReader
+from gateway.http.relay import relay
 
 MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
 LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
-# Written answers wait in the outbox until the end of the loop's pass, where the transport
-# cannot see them: past this much (the transport's default high-water mark) they are handed to
-# it at once, so that it can say whether to pause.
-UNSENT_BYTES = 64 * 1024
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 
 
 class Listener(Protocol):
@@ -59,7 +55,7 @@ class HttpConnection(asyncio.Protocol):
         self._listener = listener
         self._handler = listener.handler
         self._loop = listener.loop
-        self._outbox = listener.outbox
+        self._output = Output(listener.loop, listener.outbox)
         self._transport: asyncio.Transport | None = None
         self._reader: RequestReader | None = None
         self._remote: str | None = None
@@ -71,21 +67,16 @@ class HttpConnection(asyncio.Protocol):
         self._arrival: asyncio.Future[None] | None = None
         self._reading = True  # False once no further request on this connection is parsed
         self._upgraded = False  # the client asked to switch protocols: answered, then closed
-        self._closed = False
         self._lingering: asyncio.TimerHandle | None = None
-        self._unsent = 0  # bytes written since this connection last flushed its outbox
-        self._drained: asyncio.Future[None] | None = None
         self.idle_since: float | None = self._loop.time()  # None while a request is answered
-        # Since when the transport has been past its high-water mark, None while it takes writes.
-        self.stalled_since: float | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
+        self._transport = self._output.transport = cast(asyncio.Transport, transport)
         if not self._listener.admit(self):
-            self._closed = True  # nothing is read, and connection_lost has nothing to undo
+            self._output.closed = True  # nothing is read; connection_lost has nothing to undo
             self._transport.close()
             return
         peer = transport.get_extra_info("peername")
@@ -129,25 +120,23 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._reader is None:
             return  # never admitted
-        self._closed = True
+        self._output.lost()
         self._reading = False
         self._reader.abandon()
         if self._lingering is not None:
             self._lingering.cancel()
-        self._wake_writer()
         self._wake_server()  # it sees the connection closed and ends
         self._listener.release(self)
 
     def pause_writing(self) -> None:
         # The client is not taking its answers: read no more requests from it until it does
         # (while lingering, what it sends is only dropped).
-        self.stalled_since = self._loop.time()
+        self._output.stalled()
         if self._transport is not None and self._lingering is None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.stalled_since = None
-        self._wake_writer()
+        self._output.resumed()
         self._resume_reading()
 
     # --- what the reader hands over ------------------------------------------------------------
@@ -177,7 +166,7 @@ class HttpConnection(asyncio.Protocol):
         """Something was queued, or the connection closed: the serving task looks again (a new
         one if there is none, or if it ended, say on an error that escaped it)."""
         if self._serving_task is None or self._serving_task.done():
-            if not self._closed:
+            if not self._output.closed:
                 self._serving = True
                 self._serving_task = self._loop.create_task(self._serve())
             return
@@ -188,7 +177,7 @@ class HttpConnection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         """Answers what is queued, in order, then waits for more; ends with the connection."""
-        while not self._closed:
+        while not self._output.closed:
             try:
                 if not await self._answer_queued():
                     self._finish()
@@ -196,7 +185,7 @@ class HttpConnection(asyncio.Protocol):
             finally:
                 self._serving = False
             if not self._reading:
-                if not self._closed:
+                if not self._output.closed:
                     self._finish()  # the client half-closed, or the last request asked to close
                 return
             self.idle_since = self._loop.time()
@@ -205,9 +194,9 @@ class HttpConnection(asyncio.Protocol):
 
     async def _answer_queued(self) -> bool:
         """Answers the queue in order; False once the connection is to close."""
-        while self._queue and not self._closed:
-            if self.stalled_since is not None:
-                await self._drain()  # no further answer before the client takes these
+        while self._queue and not self._output.closed:
+            if self._output.stalled_since is not None:
+                await self._output.drain()  # no further answer before the client takes these
                 continue
             item = self._queue[0]
             if isinstance(item, _Unparsable):
@@ -228,24 +217,10 @@ class HttpConnection(asyncio.Protocol):
         """Reads again, unless the queue is full or the client is not taking its answers."""
         if (
             self._transport is not None
-            and self.stalled_since is None
+            and self._output.stalled_since is None
             and len(self._queue) < MAX_QUEUED
         ):
             self._transport.resume_reading()
-
-    async def _drain(self, deadline: float | None = None) -> bool:
-        """Waits until the transport takes writes again or the connection is lost; False when
-        `deadline` (loop time) comes first."""
-        self._drained = drained = self._loop.create_future()
-        if deadline is None:
-            await drained
-            return True
-        try:
-            async with asyncio.timeout_at(deadline):
-                await drained
-        except TimeoutError:
-            return False
-        return True
 
     async def _respond(self, request: Request, response: Response) -> bool:
         """Writes the answer; whether the connection stays open for another request."""
@@ -255,108 +230,48 @@ class HttpConnection(asyncio.Protocol):
             and request.body_state is BodyState.COMPLETE
         )
         if response.stream is not None:
-            return await self._relay(request, response, response.stream, keep_alive)
-        self.write(framing.buffered_answer(request, response, keep_alive))
+            return await relay(self._output, request, response, response.stream, keep_alive)
+        self._output.write(framing.buffered_answer(request, response, keep_alive))
         return keep_alive
 
     def _write_final(self, request: Request | None, response: Response) -> None:
-        self.write(framing.buffered_answer(request, response, keep_alive=False))
+        self._output.write(framing.buffered_answer(request, response, keep_alive=False))
 
     def _keeps_alive(self, request: Request) -> bool:
         return request.keep_alive and not self._handler.stopping and not self._upgraded
 
-    async def _relay(
-        self, request: Request, response: Response, streamed: Streamed, keep_alive: bool
-    ) -> bool:
-        """Writes an answer whose body is still arriving; whether the connection stays open."""
-        chunked = request.version == "1.1"
-        keep_alive = keep_alive and chunked
-        error: BaseException | None = None
-        try:
-            self.write(framing.streamed_head(response, chunked, keep_alive))
-            if not await self._relay_pieces(streamed, chunked):
-                return False
-        except Exception as exc:  # from the pieces: the upstream broke, or took too long
-            error = exc
-            self.abort()  # a truncated answer must never look complete
-            return False
-        finally:
-            await streamed.pieces.aclose()  # hands the upstream connection back, or closes it
-            streamed.finished(error)
-        if chunked:
-            self.write(framing.LAST_CHUNK)
-        return keep_alive
-
-    async def _relay_pieces(self, streamed: Streamed, chunked: bool) -> bool:
-        """The pieces as they come; False when the connection was lost or cut meanwhile. A
-        client that stops taking them is cut once `within_seconds` have passed: what the
-        pieces hold (an upstream connection) is not held for it without end."""
-        deadline = self._loop.time() + streamed.within_seconds
-        async for piece in streamed.pieces:
-            if self._closed:
-                return False
-            self.write(framing.chunk(piece) if chunked else piece)
-            if self._transport is not None:
-                # Sent now, not after the pass: the transport says whether to pause only once
-                # it holds the bytes, and meanwhile the upstream's buffer (up to 4 MiB) would
-                # be poured into the client's.
-                self._outbox.flush(self._transport)
-            if self.stalled_since is not None and not await self._drain(deadline):
-                self.abort()
-                return False
-        return True
-
     # --- the Channel a request sees ------------------------------------------------------------
 
     def send_continue(self) -> None:
-        self.write(framing.CONTINUE)
+        self._output.write(framing.CONTINUE)
 
     # --- writing and closing -------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._closed:
-            self._outbox.write(self._transport, data)
-            self._unsent += len(data)
-            if self._unsent > UNSENT_BYTES:
-                # Counted since the last flush of ours, not the outbox's end of pass: at worst
-                # one answer in UNSENT_BYTES is sent a pass early.
-                self._unsent = 0
-                self._outbox.flush(self._transport)
-
-    def _wake_writer(self) -> None:
-        drained, self._drained = self._drained, None
-        if drained is not None and not drained.done():
-            drained.set_result(None)
 
     def _finish(self) -> None:
         """No more answers on this connection: send FIN, drop what the client still sends for
         a moment (closing with unread data would reset the connection and could destroy the
         answer in flight), then close."""
         self._reading = False
-        if self._closed or self._transport is None or self._lingering is not None:
+        if self._output.closed or self._transport is None or self._lingering is not None:
             return
         self.idle_since = None
         self._lingering = self._loop.call_later(LINGER_SECONDS, self.close)
         self._transport.resume_reading()  # what the client still sends is read, and dropped
-        self._outbox.flush(self._transport)
+        self._output.flush()
         if self._transport.can_write_eof():
             self._transport.write_eof()
 
     def abort(self) -> None:
-        """Cut the connection with a reset: an answer broken midway must never look complete
-        (a FIN would end an HTTP/1.0 body as if whole), and what a client that reads nothing
-        was sent must not stay queued in the kernel behind a FIN it never takes."""
-        if self._transport is not None:
-            sock = self._transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-            self._transport.abort()
+        self._output.abort()
 
     def close(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._outbox.flush(self._transport)
-            self._transport.close()
+        self._output.close()
+
+    @property
+    def stalled_since(self) -> float | None:
+        """Since when the client has taken none of its output (the listener cuts it after the
+        idle timeout), None while it takes it."""
+        return self._output.stalled_since
 
     @property
     def idle(self) -> bool:

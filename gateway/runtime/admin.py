@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-if TYPE_CHECKING:
-    from gateway.runtime.process import GatewayServer
+from gateway.config.compiled import CompiledConfig
+from gateway.config.settings import Problem
+from gateway.telemetry.metrics import Metrics
 
-SERVER_KEY: web.AppKey[GatewayServer] = web.AppKey("server")
+
+class ReloadOutcome(Protocol):
+    @property
+    def ok(self) -> bool: ...
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def problems(self) -> tuple[Problem, ...]: ...
+
+
+class Served(Protocol):
+    """What the admin listener reads of, and asks of, the process it belongs to."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def config(self) -> CompiledConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    async def reload(self) -> ReloadOutcome: ...
+
+
+SERVER_KEY: web.AppKey[Served] = web.AppKey("server")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -49,7 +80,7 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
-def make_admin_app(server: GatewayServer) -> web.Application:
+def make_admin_app(server: Served) -> web.Application:
     app = web.Application()
     app[SERVER_KEY] = server
     app.router.add_get("/metrics", metrics)
