@@ -1,6 +1,6 @@
 """What the config compiles to, once: the route table, the projects, and what a request reads.
 
-`projects.py` and `route_table.py` compile the parts; this module checks what spans them and
+`projects.py` and `routes.py` compile the parts; this module checks what spans them and
 assembles the result. Every problem is collected with its YAML path before anything is refused.
 """
 
@@ -11,12 +11,13 @@ import ipaddress
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from gateway.auth.verify import TokenCache
 from gateway.base.clock import Clock
 from gateway.config.projects import OTHER_PROJECTS, Project, check_api_keys, compile_project
-from gateway.config.router import Router
+from gateway.config.router import RouteEntry, Router
 from gateway.config.routes import Route, check_route_projects, compile_route
 from gateway.config.settings import ConfigError, LoadedConfig, Problem, Settings, load_settings
 
@@ -62,6 +63,12 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
         for path, project in every_project
         if project.jwks_url is not None and project.jwks_refresh_seconds < 10
     )
+    return warnings + _shared_key_warnings(settings, projects)
+
+
+def _shared_key_warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]:
+    """Projects that share a key accept each other's tokens unless audience or issuer tell
+    them apart."""
     owners: dict[bytes, list[str]] = {}
     shown: dict[bytes, str] = {}
     for project_id, project in projects.items():
@@ -70,6 +77,7 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
             if project_id not in users:
                 users.append(project_id)
             shown[key.material] = f"{key.kid} ({key.fingerprint})"
+    warnings = []
     for material, users in owners.items():
         unscoped = [
             p for p in users if (s := settings.projects[p]).audience is None and s.issuer is None
@@ -86,50 +94,41 @@ def _warnings(settings: Settings, projects: dict[str, Project]) -> list[Problem]
     return warnings
 
 
-def compile_config(
-    loaded: LoadedConfig, clock: Clock, cache: TokenCache | None = None
-) -> CompiledConfig:
-    """Check and compile everything, or raise `ConfigError` with every problem found."""
+def _compile_projects(
+    loaded: LoadedConfig, clock: Clock, cache: TokenCache, problems: list[Problem]
+) -> tuple[dict[str, Project], Project]:
+    """The listed projects, by their ids as written, and the one for every other id."""
     settings = loaded.settings
-    problems: list[Problem] = []
-    # A running gateway passes its cache in, so a reload keeps the tokens of unchanged
-    # verifiers (the cache is keyed by verifier generation; changed ones start afresh).
-    if cache is None or cache.max_entries != settings.verified_token_cache.max_entries:
-        cache = TokenCache(settings.verified_token_cache.max_entries)
-
     folded = Counter(p.lower() for p in settings.projects)
     problems.extend(
         Problem(f"projects.{project_id}", "another project id differs only by case")
         for project_id in settings.projects
         if folded[project_id.lower()] > 1
     )
-
+    compile_one = partial(compile_project, loaded=loaded, cache=cache, clock=clock)
     projects: dict[str, Project] = {}
     for project_id, project_settings in settings.projects.items():
         path = f"projects.{project_id}"
         check_api_keys(project_settings, path, problems)
-        projects[project_id] = compile_project(
-            loaded=loaded,
+        projects[project_id] = compile_one(
             project_id=project_id,
             label=project_id,
             settings=project_settings,
             path=path,
-            cache=cache,
-            clock=clock,
             problems=problems,
         )
     check_api_keys(settings.defaults, "defaults", problems)
-    other = compile_project(
-        loaded=loaded,
+    other = compile_one(
         project_id=OTHER_PROJECTS,
         label=OTHER_PROJECTS,
         settings=settings.defaults,
         path="defaults",
-        cache=cache,
-        clock=clock,
         problems=problems,
     )
+    return projects, other
 
+
+def _compile_routes(settings: Settings, problems: list[Problem]) -> list[RouteEntry[Route]]:
     names = Counter(r.name for r in settings.routes)
     entries = []
     for index, route_settings in enumerate(settings.routes):
@@ -141,7 +140,21 @@ def compile_config(
         if entry is not None:
             check_route_projects(entry.route, index, settings, problems)
             entries.append(entry)
+    return entries
 
+
+def compile_config(
+    loaded: LoadedConfig, clock: Clock, cache: TokenCache | None = None
+) -> CompiledConfig:
+    """Check and compile everything, or raise `ConfigError` with every problem found."""
+    settings = loaded.settings
+    problems: list[Problem] = []
+    # A running gateway passes its cache in, so a reload keeps the tokens of unchanged
+    # verifiers (the cache is keyed by verifier generation; changed ones start afresh).
+    if cache is None or cache.max_entries != settings.verified_token_cache.max_entries:
+        cache = TokenCache(settings.verified_token_cache.max_entries)
+    projects, other = _compile_projects(loaded, clock, cache, problems)
+    entries = _compile_routes(settings, problems)
     if problems:
         raise ConfigError(problems)
     return CompiledConfig(

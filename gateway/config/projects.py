@@ -158,14 +158,43 @@ def compile_project(
                 f"mode {settings.mode} needs at least one key source (keys, jwks_file, jwks_url)",
             )
         )
-    subject_settings = settings.subject
-    subject: Subject
-    if subject_settings.format == "id_map":
-        subject = IdMapSubject(subject_settings.claim, frozenset(subject_settings.anonymous_ids))
-    else:
-        key = subject_settings.key if subject_settings.format == "key_value" else None
-        subject = ScalarSubject(subject_settings.claim, key)
-    policy = Policy(
+    subject = _subject(settings)
+    project_keys = ProjectKeys(
+        static=keys,
+        policy=_policy(settings, subject),
+        identity=_verifier_identity(project_id, settings),
+        cache=cache,
+        clock=clock,
+        jwks=_jwks_url(settings),
+    )
+    return Project(
+        id=project_id,
+        label=label,
+        mode=settings.mode,
+        subject=subject,
+        keys=project_keys,
+        api_key_digests=tuple(filter(None, map(_api_key_digest, settings.api_keys))),
+        expiry_warning_seconds=settings.expiry_warning_seconds,
+    )
+
+
+def _jwks_url(settings: ProjectSettings) -> JwksUrl | None:
+    if not settings.jwks_url:
+        return None
+    return JwksUrl(
+        settings.jwks_url, settings.jwks_refresh_seconds, settings.jwks_min_refetch_seconds
+    )
+
+
+def _subject(settings: ProjectSettings) -> Subject:
+    subject = settings.subject
+    if subject.format == "id_map":
+        return IdMapSubject(subject.claim, frozenset(subject.anonymous_ids))
+    return ScalarSubject(subject.claim, subject.key if subject.format == "key_value" else None)
+
+
+def _policy(settings: ProjectSettings, subject: Subject) -> Policy:
+    return Policy(
         algorithms=frozenset(settings.algorithms),
         subject=subject.read_token,
         audience=settings.audience,
@@ -174,7 +203,12 @@ def compile_project(
         max_lifetime=settings.max_token_lifetime_seconds,
         require_typ=settings.require_typ,
     )
-    identity = repr(
+
+
+def _verifier_identity(project_id: str, settings: ProjectSettings) -> bytes:
+    """What a verified token's cache entry depends on: a reload that changes none of it keeps
+    the project's verified tokens."""
+    return repr(
         (
             project_id,
             settings.model_dump(
@@ -182,25 +216,6 @@ def compile_project(
             ),
         )
     ).encode()
-    jwks = (
-        JwksUrl(settings.jwks_url, settings.jwks_refresh_seconds, settings.jwks_min_refetch_seconds)
-        if settings.jwks_url
-        else None
-    )
-    project_keys = ProjectKeys(
-        static=keys, policy=policy, identity=identity, cache=cache, clock=clock, jwks=jwks
-    )
-    return Project(
-        id=project_id,
-        label=label,
-        mode=settings.mode,
-        subject=subject,
-        keys=project_keys,
-        api_key_digests=tuple(
-            d for d in (_api_key_digest(k) for k in settings.api_keys) if d is not None
-        ),
-        expiry_warning_seconds=settings.expiry_warning_seconds,
-    )
 
 
 _SHA256_ENTRY = re.compile(r"sha256:[0-9a-fA-F]{64}")

@@ -39,27 +39,10 @@ def compile_template(template: str) -> re.Pattern[str]:
             literal += char
             i += 1
             continue
-        depth, j = 1, i + 1
-        while j < len(template) and depth:
-            depth += {"{": 1, "}": -1}.get(template[j], 0)
-            j += 1
-        if depth:
-            raise TemplateError(f"unclosed {{ at offset {i}")
-        name, _, pattern = template[i + 1 : j - 1].partition(":")
-        if not name.isidentifier():
-            raise TemplateError(f"placeholder name {name!r} is not an identifier")
-        if name in names:
-            raise TemplateError(f"placeholder {name!r} appears twice")
-        names.add(name)
+        name, pattern, i = _placeholder(template, i, names)
         out.append(f"(?P<{name}>{pattern or SEGMENT_CHARS})")
         literal += "{}"
-        i = j
-    # The segments parse_target refuses, so a route with one could never match any request.
-    segments = literal.removesuffix("/").split("/")[1:]
-    if "" in segments:
-        raise TemplateError("has an empty segment")
-    if "." in segments or ".." in segments:
-        raise TemplateError("has a . or .. segment")
+    _check_segments(literal)
     if not template.endswith("/"):
         # A placeholder's own regex (`{rest:.*}`) could otherwise reach a trailing `/`.
         out.append("(?<!/)")
@@ -67,6 +50,33 @@ def compile_template(template: str) -> re.Pattern[str]:
         return re.compile("".join(out))
     except re.error as exc:
         raise TemplateError(f"placeholder regex does not compile: {exc}") from None
+
+
+def _placeholder(template: str, start: int, names: set[str]) -> tuple[str, str, int]:
+    """The placeholder opening at `start`: its name, its regex ("" for one segment), and the
+    offset after it. Braces nest, for regexes like `[0-9]{4}`."""
+    depth, end = 1, start + 1
+    while end < len(template) and depth:
+        depth += {"{": 1, "}": -1}.get(template[end], 0)
+        end += 1
+    if depth:
+        raise TemplateError(f"unclosed {{ at offset {start}")
+    name, _, pattern = template[start + 1 : end - 1].partition(":")
+    if not name.isidentifier():
+        raise TemplateError(f"placeholder name {name!r} is not an identifier")
+    if name in names:
+        raise TemplateError(f"placeholder {name!r} appears twice")
+    names.add(name)
+    return name, pattern, end
+
+
+def _check_segments(literal: str) -> None:
+    """The segments the target parser refuses: a route with one could never match a request."""
+    segments = literal.removesuffix("/").split("/")[1:]
+    if "" in segments:
+        raise TemplateError("has an empty segment")
+    if "." in segments or ".." in segments:
+        raise TemplateError("has a . or .. segment")
 
 
 def placeholder_pattern(template: str, name: str) -> str | None:

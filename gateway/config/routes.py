@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
+from functools import partial
 
 from gateway.auth.extract import (
     HeaderSource,
@@ -172,40 +173,22 @@ def compile_route(
     except TemplateError as exc:
         problems.append(Problem(f"{path}.path", f"{exc} (got {route_settings.path!r})"))
         return None
-    project_from: ProjectFrom
-    if route_settings.project is not None:
-        if route_settings.project.header is not None:
-            project_from = ProjectFromHeader(normalise_header_name(route_settings.project.header))
-        else:
-            assert route_settings.project.id is not None
-            project_from = ProjectFixed(route_settings.project.id)
-    elif "project" in pattern.groupindex:
-        restriction = placeholder_pattern(route_settings.path, "project")
-        literal = restriction is not None and re.fullmatch(
-            r"[A-Za-z0-9._~-]+(\|[A-Za-z0-9._~-]+)*", restriction
-        )
-        project_from = ProjectFromPath(
-            only=frozenset(restriction.lower().split("|")) if literal and restriction else None
-        )
-    else:
+    project_from = _project_from(route_settings, pattern)
+    if project_from is None:
         problems.append(
             Problem(path, "no project: add {project} to the path, or a project: {header|id} block")
         )
         return None
-    token_sources = tuple(
-        s
-        for s in _compile_sources(route_settings, settings, "token", path, problems)
-        if isinstance(s, HeaderSource | QuerySource)
-    )
+    sources = partial(_compile_sources, route_settings, settings, path=path, problems=problems)
     route = Route(
         name=route_settings.name,
         methods=frozenset(route_settings.methods),
         project_from=project_from,
         api_key="api_key" in route_settings.auth,
         sdk_jwt="sdk_jwt" in route_settings.auth,
-        identity=_compile_sources(route_settings, settings, "identity", path, problems),
-        token=token_sources,
-        session=_compile_sources(route_settings, settings, "session", path, problems),
+        identity=sources("identity"),
+        token=tuple(s for s in sources("token") if isinstance(s, HeaderSource | QuerySource)),
+        session=sources("session"),
         forward_token=route_settings.forward_token,
         error_format=ErrorFormat(route_settings.error_format),
         cors=None,
@@ -218,12 +201,34 @@ def compile_route(
             route_settings.cors.max_age_seconds,
         )
         route = dataclasses.replace(route, cors=cors)
+    _check_sources(route, path, problems)
+    return RouteEntry(pattern, route.methods, route)
+
+
+def _project_from(route_settings: RouteSettings, pattern: re.Pattern[str]) -> ProjectFrom | None:
+    """Where the route reads its project: a header, a fixed id, or `{project}` in its path."""
+    if route_settings.project is not None:
+        if route_settings.project.header is not None:
+            return ProjectFromHeader(normalise_header_name(route_settings.project.header))
+        assert route_settings.project.id is not None
+        return ProjectFixed(route_settings.project.id)
+    if "project" not in pattern.groupindex:
+        return None
+    restriction = placeholder_pattern(route_settings.path, "project")
+    literal = restriction is not None and re.fullmatch(
+        r"[A-Za-z0-9._~-]+(\|[A-Za-z0-9._~-]+)*", restriction
+    )
+    return ProjectFromPath(
+        only=frozenset(restriction.lower().split("|")) if literal and restriction else None
+    )
+
+
+def _check_sources(route: Route, path: str, problems: list[Problem]) -> None:
     if route.sdk_jwt and not route.identity:
         problems.append(Problem(f"{path}.identity", "sdk_jwt needs at least one identity source"))
     if route.sdk_jwt and not route.token:
         problems.append(Problem(f"{path}.token", "sdk_jwt needs at least one token source"))
     _check_header_roles(route, path, problems)
-    return RouteEntry(pattern, route.methods, route)
 
 
 def _check_identity_fits(

@@ -117,6 +117,27 @@ _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-ho
 _NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
 
 
+class _FromTrustedProxy:
+    """The forwarding headers a trusted proxy sent: its X-Forwarded-For chain is extended, its
+    X-Forwarded-Proto and -Host kept, its client-address headers relayed."""
+
+    __slots__ = ("chain", "connection_named", "kept")
+
+    def __init__(self, connection_named: frozenset[str] | set[str]) -> None:
+        self.connection_named = connection_named
+        self.chain: list[bytes] = []
+        self.kept: dict[str, bytes] = {}
+
+    def take(self, key: str, raw_name: bytes, raw_value: bytes, lines: list[bytes]) -> None:
+        if key == "x-forwarded-for":
+            self.chain.append(raw_value)
+        elif key in _CLIENT_ADDRESS:
+            if key not in self.connection_named:
+                lines.append(raw_name + b": " + raw_value)
+        else:
+            self.kept.setdefault(key, raw_value)
+
+
 def forward_headers(
     keys: list[str], raw_headers: list[tuple[bytes, bytes]], forwarding: Forwarding
 ) -> list[bytes]:
@@ -129,41 +150,41 @@ def forward_headers(
             for key, (_, value) in zip(keys, raw_headers, strict=True)
             if key == "connection"
         )
-    drop, scheme_drop, trusted = (
-        forwarding.drop,
-        forwarding.token_scheme_drop,
-        forwarding.peer_trusted,
-    )
+    drop, scheme_drop = forwarding.drop, forwarding.token_scheme_drop
+    # From a peer that is not a trusted proxy, forwarding headers are dropped.
+    proxy = _FromTrustedProxy(connection_named) if forwarding.peer_trusted else None
     lines: list[bytes] = []
-    forwarded_for: list[bytes] = []
-    kept_forwarded: dict[str, bytes] = {}
     host: bytes | None = None
     for key, (raw_name, raw_value) in zip(keys, raw_headers, strict=True):
         if key in _NOT_RELAYED:
             if key == "host":
                 host = raw_value if host is None else host
-            elif trusted and key in _FORWARDING:  # from an untrusted peer, dropped
-                if key == "x-forwarded-for":
-                    forwarded_for.append(raw_value)
-                elif key in _CLIENT_ADDRESS:
-                    if key not in connection_named:
-                        lines.append(raw_name + b": " + raw_value)
-                else:
-                    kept_forwarded.setdefault(key, raw_value)
+            elif proxy is not None and key in _FORWARDING:
+                proxy.take(key, raw_name, raw_value, lines)
             continue
         if key in drop or key in connection_named:
             continue
         if key in scheme_drop and raw_value.strip().lower().startswith(scheme_drop[key]):
             continue
         lines.append(raw_name + b": " + raw_value)
-    forwarded_for.append((forwarding.peer or "unknown").encode())
-    lines += (
-        b"X-Forwarded-For: " + b", ".join(forwarded_for),
-        b"X-Forwarded-Proto: " + kept_forwarded.get("x-forwarded-proto", b"http"),
-        b"X-Forwarded-Host: " + kept_forwarded.get("x-forwarded-host", host or b""),
+    lines += _added_lines(forwarding, proxy, host)
+    return lines
+
+
+def _added_lines(
+    forwarding: Forwarding, proxy: _FromTrustedProxy | None, host: bytes | None
+) -> list[bytes]:
+    """What the gateway says of the request: where it came from, and its verdict."""
+    chain = proxy.chain if proxy is not None else []
+    kept = proxy.kept if proxy is not None else {}
+    chain.append((forwarding.peer or "unknown").encode())
+    lines = [
+        b"X-Forwarded-For: " + b", ".join(chain),
+        b"X-Forwarded-Proto: " + kept.get("x-forwarded-proto", b"http"),
+        b"X-Forwarded-Host: " + kept.get("x-forwarded-host", host or b""),
         b"X-Request-Id: " + forwarding.request_id.encode(),
         b"X-Auth-Status: " + forwarding.auth_status.encode(),
-    )
+    ]
     if forwarding.authenticated_user is not None:
         lines.append(b"X-Authenticated-User: " + forwarding.authenticated_user.encode())
     return lines

@@ -229,17 +229,7 @@ async def supervise(path: Path, count: int) -> int:
         for worker in supervisor.workers:
             await supervisor.start_worker(worker)
         watchers = [spawn(supervisor.supervise(w)) for w in supervisor.workers]
-        stopped = asyncio.Event()
-        loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            supervisor.stopping = True
-            supervisor.signal_workers(signal.SIGTERM)
-            stopped.set()
-
-        loop.add_signal_handler(signal.SIGTERM, stop)
-        loop.add_signal_handler(signal.SIGINT, stop)
-        loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+        stopped = _stop_on_signals(supervisor)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             admin = web.AppRunner(_admin_app(supervisor, session), access_log=None)
             await admin.setup()
@@ -249,22 +239,43 @@ async def supervise(path: Path, count: int) -> int:
                 extra={"fields": {"workers": count, "listen": config.settings.listen}},
             )
             await stopped.wait()
-            shutdown = supervisor.config.settings.shutdown
-            deadline = shutdown.drain_delay_seconds + shutdown.grace_seconds + 5
-            processes = [w.process for w in supervisor.workers if w.process is not None]
-            try:
-                async with asyncio.timeout(deadline):
-                    await asyncio.gather(*(p.wait() for p in processes))
-            except TimeoutError:
-                for process in processes:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
+            await _workers_stopped(supervisor)
             for watcher in watchers:
                 watcher.cancel()
             await admin.cleanup()
         return 0
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _stop_on_signals(supervisor: Supervisor) -> asyncio.Event:
+    """SIGTERM and SIGINT drain every worker (the event is set), SIGHUP reloads them all."""
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        supervisor.stopping = True
+        supervisor.signal_workers(signal.SIGTERM)
+        stopped.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    return stopped
+
+
+async def _workers_stopped(supervisor: Supervisor) -> None:
+    """Waits for the draining workers; those still running past drain and grace are killed."""
+    shutdown = supervisor.config.settings.shutdown
+    deadline = shutdown.drain_delay_seconds + shutdown.grace_seconds + 5
+    processes = [w.process for w in supervisor.workers if w.process is not None]
+    try:
+        async with asyncio.timeout(deadline):
+            await asyncio.gather(*(p.wait() for p in processes))
+    except TimeoutError:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
 
 
 def _exit_with_parent() -> None:
