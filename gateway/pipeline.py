@@ -17,19 +17,16 @@ from functools import partial
 
 from gateway.auth.extract import RequestParts, collect_headers
 from gateway.auth.jwks import JwksRefresher
-from gateway.auth.target import Target
 from gateway.base.clock import Clock
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
 from gateway.config.router import MethodNotAllowed
-from gateway.config.routes import Route
-from gateway.config.settings import LimitsSettings
 from gateway.counters import FailureCounter, session_hint, session_key
 from gateway.forwarding.upstream import Upstream, relay_failure_reason
 from gateway.http.handler import ConnectionLimits
 from gateway.http.messages import Request, Response, new_request_id
 from gateway.refusals.reasons import Reason, Rejected
-from gateway.stages.authenticate import AuthStatus, Checked, check
+from gateway.stages.authenticate import AuthStatus, Checked, CheckInputs, check
 from gateway.stages.body import body_at_hand, read_body, read_json
 from gateway.stages.cors import cors_headers, preflight
 from gateway.stages.exchange import Exchange, request_id
@@ -157,7 +154,13 @@ class Pipeline:
             body = await read_body(request, limits)
         exchange.mode = mode = project.mode if route.sdk_jwt else "disabled"
         exchange.authenticating = True
-        checked = await self._checked(request, route, project, parts, target, body, limits, mode)
+        reading = None
+        if mode != "disabled" and route.reads_json and body:
+            reading = await read_json(request, route, body, limits)
+        checks: CheckInputs = (route, project, parts, target, body, reading, limits, mode)
+        checked = check(*checks)
+        if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
+            checked = await self._with_fresh_keys(project, checked, checks)
         exchange.client = client_of(request, config.trusted_proxies)
         exchange.token_fingerprint = checked.token_fingerprint
         if checked.failure is None:
@@ -172,30 +175,16 @@ class Pipeline:
         timeout = config.settings.upstream.timeout_seconds
         return relayed(answer, exchange, checked, self.clock.now(), timeout)
 
-    async def _checked(
-        self,
-        request: Request,
-        route: Route,
-        project: Project,
-        parts: RequestParts,
-        target: Target,
-        body: bytes,
-        limits: LimitsSettings,
-        mode: str,
+    async def _with_fresh_keys(
+        self, project: Project, checked: Checked, checks: CheckInputs
     ) -> Checked:
-        """The checks; once more with a fresh key set when the token names a key the project's
-        JWKS did not have (keys rotate)."""
-        reading = None
-        if mode != "disabled" and route.reads_json and body:
-            reading = await read_json(request, route, body, limits)
-        checks = (route, project, parts, target, body, reading, limits.max_token_bytes, mode)
-        checked = check(*checks)
-        if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
-            if await self.jwks.refetch(project.label, project.keys):
-                checked = check(*checks)
-            elif not project.keys.fetched_once:
-                # The kid may be in the key set we could never read: our fault, not the token's.
-                checked.failure = Reason.KEYS_UNAVAILABLE
+        """The token names a key the project's JWKS did not have (keys rotate): the checks once
+        more with a fresh key set."""
+        if await self.jwks.refetch(project.label, project.keys):
+            return check(*checks)
+        if not project.keys.fetched_once:
+            # The kid may be in the key set we could never read: our fault, not the token's.
+            checked.failure = Reason.KEYS_UNAVAILABLE
         return checked
 
     def _verified(self, bound: BoundMetrics, exchange: Exchange, checked: Checked) -> None:

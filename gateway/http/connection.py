@@ -176,42 +176,48 @@ class HttpConnection(asyncio.Protocol):
             arrival.set_result(None)
 
     async def _serve(self) -> None:
-        """Answers what is queued, in order, then waits for more; ends with the connection."""
-        while not self._output.closed:
+        """Answers what is queued, in order, then waits for more; ends with the connection.
+        (One coroutine for the connection's life: a coroutine more per request shows.)"""
+        output = self._output
+        while not output.closed:
             try:
-                if not await self._answer_queued():
-                    self._finish()
-                    return
+                while self._queue and not output.closed:
+                    if output.stalled_since is not None:
+                        await output.drain()  # no further answer before the client takes these
+                        continue
+                    item = self._queue[0]
+                    if isinstance(item, _Unparsable):
+                        return self._refuse_unparsable(item)
+                    try:
+                        response = await self._handler.handle(item)
+                    except Exception:
+                        response = self._handler.failed()
+                        response.close = True
+                    self._queue.popleft()
+                    keep_alive = self._keep_alive(item, response)
+                    if response.stream is None:
+                        output.write(framing.buffered_answer(item, response, keep_alive))
+                    else:
+                        keep_alive = await relay(
+                            output, item, response, response.stream, keep_alive
+                        )
+                    if not keep_alive:
+                        return self._finish()
+                    self._resume_reading()
             finally:
                 self._serving = False
             if not self._reading:
-                if not self._output.closed:
+                if not output.closed:
                     self._finish()  # the client half-closed, or the last request asked to close
                 return
             self.idle_since = self._loop.time()
             self._arrival = self._loop.create_future()
             await self._arrival
 
-    async def _answer_queued(self) -> bool:
-        """Answers the queue in order; False once the connection is to close."""
-        while self._queue and not self._output.closed:
-            if self._output.stalled_since is not None:
-                await self._output.drain()  # no further answer before the client takes these
-                continue
-            item = self._queue[0]
-            if isinstance(item, _Unparsable):
-                self._write_final(None, self._handler.unparsable(self._remote, item.error))
-                return False
-            try:
-                response = await self._handler.handle(item)
-            except Exception:
-                response = self._handler.failed()
-                response.close = True
-            self._queue.popleft()
-            if not await self._respond(item, response):
-                return False
-            self._resume_reading()
-        return True
+    def _refuse_unparsable(self, unparsable: _Unparsable) -> None:
+        response = self._handler.unparsable(self._remote, unparsable.error)
+        self._output.write(framing.buffered_answer(None, response, keep_alive=False))
+        self._finish()
 
     def _resume_reading(self) -> None:
         """Reads again, unless the queue is full or the client is not taking its answers."""
@@ -222,20 +228,13 @@ class HttpConnection(asyncio.Protocol):
         ):
             self._transport.resume_reading()
 
-    async def _respond(self, request: Request, response: Response) -> bool:
-        """Writes the answer; whether the connection stays open for another request."""
-        keep_alive = (
+    def _keep_alive(self, request: Request, response: Response) -> bool:
+        """Whether the connection stays open for another request after this answer."""
+        return (
             not response.close
             and self._keeps_alive(request)
             and request.body_state is BodyState.COMPLETE
         )
-        if response.stream is not None:
-            return await relay(self._output, request, response, response.stream, keep_alive)
-        self._output.write(framing.buffered_answer(request, response, keep_alive))
-        return keep_alive
-
-    def _write_final(self, request: Request | None, response: Response) -> None:
-        self._output.write(framing.buffered_answer(request, response, keep_alive=False))
 
     def _keeps_alive(self, request: Request) -> bool:
         return request.keep_alive and not self._handler.stopping and not self._upgraded

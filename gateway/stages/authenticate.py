@@ -9,7 +9,7 @@ counted against the session the request named even though the request itself was
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeAlias
 
 from gateway.auth.body import NOT_READ, JsonBody
 from gateway.auth.extract import (
@@ -24,6 +24,7 @@ from gateway.auth.target import Target
 from gateway.auth.verify import VerifiedToken
 from gateway.config.projects import Project
 from gateway.config.routes import API_KEY_SOURCE, Route
+from gateway.config.settings import LimitsSettings
 from gateway.refusals.reasons import Code, Reason, Rejected
 
 
@@ -95,6 +96,12 @@ class Checked:
         return None if token is None else token.digest[:6].hex()
 
 
+# What `check` reads, kept together for a second run with fresh keys.
+CheckInputs: TypeAlias = tuple[
+    Route, Project, RequestParts, Target, bytes, JsonBody | None, LimitsSettings, str
+]
+
+
 def check(
     route: Route,
     project: Project,
@@ -102,7 +109,7 @@ def check(
     target: Target,
     body: bytes,
     reading: JsonBody | None,
-    max_token_bytes: int,
+    limits: LimitsSettings,
     mode: str,
 ) -> Checked:
     """Raises what every mode refuses (an `api_key` failure, a body too large once decoded,
@@ -128,7 +135,9 @@ def check(
     try:
         if route.reads_query:
             parts.query = parse_query(target.query)
-        checked.status = authenticate(route, project, parts, max_token_bytes, checked.attempt)
+        checked.status = authenticate(
+            route, project, parts, limits.max_token_bytes, checked.attempt
+        )
     except Rejected as refused:
         checked.failure = refused.reason
     return checked
