@@ -114,13 +114,14 @@ class Pipeline:
             response.stream.finished = record
         return response
 
-    def unparsable(self, remote: str | None, error: str) -> Response:
+    def unparsable(self, remote: str | None, error: str, *, version_unsupported: bool) -> Response:
         exchange = Exchange(new_request_id(), parsed=False)
         log.info(
             "unparsable request",
             extra={"fields": {"request_id": exchange.request_id, "error": error}},
         )
-        response = refusal(Reason.HTTP_MALFORMED, exchange)
+        reason = Reason.HTTP_VERSION_UNSUPPORTED if version_unsupported else Reason.HTTP_MALFORMED
+        response = refusal(reason, exchange)
         self._record(None, "", remote, self.bound, exchange, response.status, time.perf_counter())
         return response
 

@@ -36,7 +36,6 @@ from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.verify import _b64decode
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
-from gateway.http.response_head import parse_head
 from gateway.refusals.reasons import Reason, Rejected
 from tests.conftest import GatewayFactory, Tokens, Upstream, raw_request
 
@@ -421,17 +420,7 @@ async def test_request_id_under_any_spelling_is_used_and_forwarded_once(
     assert len(upstream.received) == 1
 
 
-# === upstream answer heads, parsed once per distinct head ========================================
-
-
-def test_parse_head_framing_follows_the_method_for_one_head() -> None:
-    head = (
-        b"HTTP/1.1 200 OK\r\nX-Nonce: %s\r\nContent-Length: 5\r\n\r\n"
-        % os.urandom(8).hex().encode()
-    )
-    for method, kind, length in [("HEAD", "none", 0), ("GET", "length", 5)] * 2:
-        framing = parse_head(head, method).framing
-        assert (framing.kind, framing.length) == (kind, length), method
+# === answers on a kept-alive upstream connection ==================================================
 
 
 class ScriptedUpstream:

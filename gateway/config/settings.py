@@ -174,6 +174,9 @@ class UpstreamSettings(_Settings):
     connect_timeout_seconds: PositiveSeconds = 2.0
     timeout_seconds: PositiveSeconds = 30.0
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 256
+    # A pooled connection idle this long is closed: below the upstream's own keep-alive timeout
+    # (5 s in Node and many frameworks), so no request is sent on a connection it is closing.
+    idle_timeout_seconds: PositiveSeconds = 4.0
 
     @field_validator("url")
     @classmethod

@@ -14,7 +14,7 @@ from urllib.parse import unquote_plus
 
 from gateway.auth.extract import query_name_key
 from gateway.http.messages import date_line, header_lines, normalise_header_name
-from gateway.http.response_head import Head
+from gateway.http.response_reader import Head
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
 _REQUEST_DROPPED = frozenset(

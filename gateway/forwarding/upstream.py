@@ -58,6 +58,7 @@ class Upstream:
             settings.max_connections,
             settings.connect_timeout_seconds,
             settings.timeout_seconds,
+            settings.idle_timeout_seconds,
             outbox,
         )
         self._client = Client(self._pool, host_header, self.BUFFER_BYTES)

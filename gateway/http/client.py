@@ -1,22 +1,20 @@
-"""A lean HTTP/1.1 client for the one upstream: one write per request on a pooled connection,
-a strict response parser (`response_head.py`), bodies read in bounded pieces.
+"""A lean HTTP/1.1 client for the upstream: one write per request on a pooled connection, the
+answer read by llhttp (`response_reader.py`), its body in bounded pieces.
 
 aiohttp's general-purpose client costs about a third of the gateway's CPU per request (request
 objects, a writer task, cookie and redirect machinery we never use). This one does only what a
-reverse proxy needs, and refuses any response it could read two ways (obs-fold, conflicting
-Content-Length, a length next to chunked framing, malformed chunks) as a broken upstream.
+reverse proxy needs, and refuses any answer it could read two ways as a broken upstream.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from gateway.http.errors import UpstreamBroken
-from gateway.http.pool import ConnectionPool, UpstreamConnection
-from gateway.http.response_head import Framing, Head, parse_head
+from gateway.http.pool import ConnectionPool
+from gateway.http.response_reader import Head
+from gateway.http.upstream_connection import UpstreamConnection
 
-MAX_HEAD_BYTES = 64 * 1024
 PIECE_BYTES = 64 * 1024  # the most of a body read (and relayed) at once, whatever was declared
 
 
@@ -43,49 +41,6 @@ def encode_request(
     return b"".join((start, b"\r\n".join(header_lines), end, body))
 
 
-async def _chunks(reader: UpstreamConnection) -> AsyncIterator[bytes]:
-    while True:
-        size_line = await reader.read_until(b"\r\n", MAX_HEAD_BYTES)
-        size_text = size_line[:-2].split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise UpstreamBroken("chunk size") from None
-        if size_text[:1] in (b"+", b"-") or size < 0:
-            raise UpstreamBroken("chunk size")
-        if size == 0:
-            while await reader.read_until(b"\r\n", MAX_HEAD_BYTES) != b"\r\n":  # trailers, dropped
-                pass
-            return
-        # In pieces: a declared size is only a promise, and holding a chunk whole would let
-        # the upstream fill memory with one (the read buffer stops at READ_PAUSE_BYTES).
-        while size:
-            piece = await reader.read_some(min(size, PIECE_BYTES))
-            if not piece:
-                raise UpstreamBroken("chunk shorter than its size")
-            size -= len(piece)
-            yield piece
-        if await reader.read_exactly(2) != b"\r\n":
-            raise UpstreamBroken("chunk end")
-
-
-async def _body(reader: UpstreamConnection, framing: Framing) -> AsyncIterator[bytes]:
-    if framing.kind == "length":
-        remaining = framing.length
-        while remaining:
-            piece = await reader.read_some(min(remaining, PIECE_BYTES))
-            if not piece:
-                raise UpstreamBroken("body shorter than Content-Length")
-            remaining -= len(piece)
-            yield piece
-    elif framing.kind == "chunked":
-        async for piece in _chunks(reader):
-            yield piece
-    elif framing.kind == "close":
-        while piece := await reader.read_some(PIECE_BYTES):
-            yield piece
-
-
 class Client:
     """Sends one request on a pooled connection; `buffer` bytes of the answer are read before
     it returns, so a break inside them is a 502 rather than a truncated 2xx."""
@@ -100,49 +55,31 @@ class Client:
     ) -> Answer:
         connection = self._pool.exchange_idle() or await self._pool.exchange()
         try:
-            connection.write(encode_request(method, target, self._host, header_lines, body))
-            while True:
-                head = parse_head(await connection.read_until(b"\r\n\r\n", MAX_HEAD_BYTES), method)
-                if head.status >= 200:
-                    break  # an interim 1xx answer is read past
-            framing, keep_alive = head.framing, head.keep_alive
-            if framing.kind == "none" or (
-                framing.kind == "length" and framing.length <= self._buffer
-            ):
-                # The usual small answer: one read, no generator.
-                whole = connection.take_buffered(framing.length)
-                if whole is None:
-                    whole = await connection.read_exactly(framing.length)
-                self._pool.release(connection, reusable=keep_alive)
+            connection.send(method, encode_request(method, target, self._host, header_lines, body))
+            head = await connection.head()
+            if head.bodyless:
+                self._pool.release(connection)
+                return Answer(head, b"", None)
+            whole = connection.whole_body()  # the usual small answer: no generator
+            if whole is not None and len(whole) <= self._buffer:
+                self._pool.release(connection)
                 return Answer(head, whole, None)
-            pieces = _body(connection, framing)
-            buffered = bytearray()
-            complete = True
-            async for piece in pieces:
+            buffered = bytearray(whole or b"")
+            while len(buffered) < self._buffer:
+                piece = await connection.read_some(PIECE_BYTES)
+                if not piece:
+                    self._pool.release(connection)
+                    return Answer(head, bytes(buffered), None)
                 buffered += piece
-                if len(buffered) >= self._buffer:
-                    complete = False
-                    break
         except BaseException:
-            self._pool.release(connection, reusable=False)
+            self._pool.release(connection)  # not whole: closed, never reused
             raise
-        if complete:
-            self._pool.release(connection, reusable=keep_alive)
-            return Answer(head, bytes(buffered), None)
-        rest = self._rest(connection, pieces, keep_alive)
-        return Answer(head, bytes(buffered), rest)
+        return Answer(head, bytes(buffered), self._rest(connection))
 
-    async def _rest(
-        self,
-        connection: UpstreamConnection,
-        pieces: AsyncIterator[bytes],
-        keep_alive: bool,
-    ) -> AsyncGenerator[bytes, None]:
+    async def _rest(self, connection: UpstreamConnection) -> AsyncGenerator[bytes, None]:
         """The answer past the buffer, still under the exchange's deadline."""
-        reusable = False
         try:
-            async for piece in pieces:
+            while piece := await connection.read_some(PIECE_BYTES):
                 yield piece
-            reusable = keep_alive
         finally:
-            self._pool.release(connection, reusable=reusable)
+            self._pool.release(connection)

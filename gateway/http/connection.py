@@ -18,6 +18,7 @@ from typing import Protocol, cast
 import httptools
 
 from gateway.http import framing
+from gateway.http.errors import VersionUnsupported
 from gateway.http.handler import Handler
 from gateway.http.messages import BodyState, Request, Response
 from gateway.http.outbox import Outbox
@@ -48,6 +49,7 @@ class _Unparsable:
     """Where the parser gave up: answered 400 in its turn, then the connection closes."""
 
     error: str  # the exception's type, for the log; never the bytes that caused it
+    version_unsupported: bool
 
 
 class HttpConnection(asyncio.Protocol):
@@ -106,7 +108,10 @@ class HttpConnection(asyncio.Protocol):
             self._reading = False
         except httptools.HttpParserError as exc:
             exc.__traceback__ = None  # its frames would hold this connection in a cycle
-            self._unparsable(type(exc.__context__ or exc).__name__)
+            cause = exc.__context__ or exc
+            self._unparsable(
+                _Unparsable(type(cause).__name__, isinstance(cause, VersionUnsupported))
+            )
 
     def eof_received(self) -> bool:
         if self._reader is not None:
@@ -152,11 +157,11 @@ class HttpConnection(asyncio.Protocol):
     def _stop_reading(self) -> None:
         self._reading = False
 
-    def _unparsable(self, error: str) -> None:
+    def _unparsable(self, unparsable: _Unparsable) -> None:
         self._reading = False
         if self._reader is not None and self._reader.abandon():
             return  # its body broke: that request's answer is the 400
-        self._queue.append(_Unparsable(error))
+        self._queue.append(unparsable)
         if not self._serving:
             self._wake_server()
 
@@ -215,7 +220,9 @@ class HttpConnection(asyncio.Protocol):
             await self._arrival
 
     def _refuse_unparsable(self, unparsable: _Unparsable) -> None:
-        response = self._handler.unparsable(self._remote, unparsable.error)
+        response = self._handler.unparsable(
+            self._remote, unparsable.error, version_unsupported=unparsable.version_unsupported
+        )
         self._output.write(framing.buffered_answer(None, response, keep_alive=False))
         self._finish()
 

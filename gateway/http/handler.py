@@ -24,9 +24,10 @@ class Handler(Protocol):
 
     async def handle(self, request: Request) -> Response: ...
 
-    def unparsable(self, remote: str | None, error: str) -> Response:
+    def unparsable(self, remote: str | None, error: str, *, version_unsupported: bool) -> Response:
         """The answer to bytes the parser refused (`error` names the parser's exception, never
-        the bytes); the connection closes after it."""
+        the bytes; `version_unsupported`: a version other than HTTP/1.0 and 1.1, which is 505
+        rather than 400); the connection closes after it."""
         ...
 
     def failed(self) -> Response:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import httptools
 
+from gateway.http.errors import HostInvalid, ObsoleteVersion, VersionUnsupported
 from gateway.http.messages import Channel, Request
 
 MAX_HEADERS = 128
@@ -45,6 +46,7 @@ class RequestReader:
         self._headers: list[tuple[bytes, bytes]] = []
         self._content_length: int | None = None
         self._expects_continue = False
+        self._hosts = 0
         self.receiving: Request | None = None  # head complete, body still arriving
 
     def feed(self, data: bytes) -> None:
@@ -67,6 +69,7 @@ class RequestReader:
         self._headers = []
         self._content_length = None
         self._expects_continue = False
+        self._hosts = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -90,10 +93,16 @@ class RequestReader:
             self._content_length = int(value)  # llhttp checked it is digits, and only one
         elif len(name) == 6 and name.lower() == b"expect":
             self._expects_continue = value.strip().lower() == b"100-continue"
+        elif len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise ObsoleteVersion if version == "0.9" else VersionUnsupported
+        if self._hosts > 1 or (self._hosts == 0 and version == "1.1"):
+            raise HostInvalid
         request = Request(
             self._channel,
             parser.get_method().decode("ascii"),

@@ -1,5 +1,6 @@
-"""Connections to the upstream: a keep-alive pool of at most `max_connections`, each connection
-reading into a buffer it pauses past a bound, each exchange under a deadline one timer sweeps.
+"""A keep-alive pool of upstream connections: at most `max_connections` open, waits for one
+bounded by the connect timeout, each exchange under a deadline, idle ones closed before the
+upstream's own keep-alive timeout would close them under a request. One timer sweeps both.
 """
 
 from __future__ import annotations
@@ -7,136 +8,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from typing import cast
 
-from gateway.http.errors import UpstreamBroken, UpstreamUnreachable
+from gateway.http.errors import UpstreamUnreachable
 from gateway.http.outbox import Outbox
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One upstream connection: bytes land in a buffer, and a reader waits at most once per
-    segment that arrives (asyncio streams cost a future and a callback per read)."""
-
-    READ_PAUSE_BYTES = 4 << 20  # stop reading from the socket past this much unconsumed
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._outbox = outbox
-        self._loop = asyncio.get_running_loop()  # asked once: each call costs a getpid()
-        self._buffer = bytearray()
-        self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self.deadline = math.inf  # loop time; the pool's sweeper expires reads past it
-        self._timed_out = False
-
-    # --- asyncio.Protocol ----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's TCP transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) > self.READ_PAUSE_BYTES and self.transport is not None:
-            self.transport.pause_reading()
-            self._paused = True
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # --- the exchange's deadline ---------------------------------------------------------------
-
-    def expire(self) -> None:
-        """The exchange outlived its deadline: the read under way, and any later one, raise
-        TimeoutError."""
-        self.deadline = math.inf
-        self._timed_out = True
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(TimeoutError())
-
-    def time(self) -> float:
-        return self._loop.time()
-
-    # --- reading -------------------------------------------------------------------------------
-
-    def _more(self, wanted: int) -> asyncio.Future[None]:
-        """What to await for more bytes (a future, not a coroutine: one object less per wait)."""
-        if self._timed_out:
-            raise TimeoutError
-        if self._eof:
-            raise asyncio.IncompleteReadError(bytes(self._buffer), wanted)
-        if self._paused and self.transport is not None:
-            self._paused = False
-            self.transport.resume_reading()
-        self._waiter = waiter = self._loop.create_future()
-        return waiter
-
-    def _take(self, size: int) -> bytes:
-        taken = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return taken
-
-    async def read_until(self, separator: bytes, limit: int) -> bytes:
-        start = 0
-        while (found := self._buffer.find(separator, start)) < 0:
-            if len(self._buffer) > limit:
-                raise UpstreamBroken("head too large")
-            start = max(0, len(self._buffer) - len(separator) + 1)
-            await self._more(limit)
-        return self._take(found + len(separator))
-
-    def take_buffered(self, size: int) -> bytes | None:
-        """`size` bytes if they have arrived already, else None (then `read_exactly`)."""
-        return self._take(size) if len(self._buffer) >= size else None
-
-    async def read_exactly(self, size: int) -> bytes:
-        """`size` bytes, at most READ_PAUSE_BYTES: reading resumes only while the buffer holds
-        less than is asked, so a larger size would buffer whatever the upstream sends."""
-        while len(self._buffer) < size:
-            await self._more(size)
-        return self._take(size)
-
-    async def read_some(self, most: int) -> bytes:
-        """Up to `most` bytes; b"" only at the end of the stream."""
-        while not self._buffer:
-            if self._eof:
-                return b""
-            await self._more(1)
-        return self._take(most)
-
-    # --- the pool's view -----------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self._outbox.write(self.transport, data)
-
-    def usable(self) -> bool:
-        """An idle connection the upstream closed (or sent stray bytes on) is not reused."""
-        return (
-            self.transport is not None
-            and not self.transport.is_closing()
-            and not self._eof
-            and not self._buffer
-        )
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self._outbox.flush(self.transport)
-            self.transport.close()
+from gateway.http.upstream_connection import UpstreamConnection
 
 
 class ConnectionPool:
@@ -149,6 +24,7 @@ class ConnectionPool:
         max_connections: int,
         connect_timeout: float,
         exchange_timeout: float,
+        idle_timeout: float,
         outbox: Outbox,
     ):
         self._host, self._port = host, port
@@ -156,6 +32,7 @@ class ConnectionPool:
         self._max = max_connections
         self._connect_timeout = connect_timeout
         self._exchange_timeout = exchange_timeout
+        self._idle_timeout = idle_timeout
         self._idle: deque[UpstreamConnection] = deque()
         self._open = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -163,15 +40,18 @@ class ConnectionPool:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def _sweep(self) -> None:
-        """Expires exchanges past their deadline: one timer for the pool instead of one per
-        request (a timer handle to create and cancel, on the hot path)."""
-        interval = min(0.05, self._exchange_timeout / 10)
+        """Expires exchanges past their deadline and closes connections idle past the idle
+        timeout: one timer for the pool instead of one per request (a timer handle to create
+        and cancel, on the hot path)."""
+        interval = min(0.05, self._exchange_timeout / 10, self._idle_timeout / 4)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
             for connection in [c for c in self._in_use if c.deadline <= now]:
                 connection.expire()
+            while self._idle and self._idle[0].idle_since <= now - self._idle_timeout:
+                self._discard(self._idle.popleft())  # the oldest first: reuse takes the newest
 
     async def exchange(self) -> UpstreamConnection:
         """A connection for one exchange, whose reads fail with TimeoutError once the exchange
@@ -191,9 +71,12 @@ class ConnectionPool:
         return connection
 
     def _take_idle(self) -> UpstreamConnection | None:
+        horizon = None
         while self._idle:
             connection = self._idle.pop()
-            if connection.usable():
+            if horizon is None:
+                horizon = connection.time() - self._idle_timeout
+            if connection.usable() and connection.idle_since > horizon:
                 return connection
             self._discard(connection)
         return None
@@ -231,10 +114,13 @@ class ConnectionPool:
             raise UpstreamUnreachable from None
         return connection
 
-    def release(self, connection: UpstreamConnection, reusable: bool) -> None:
+    def release(self, connection: UpstreamConnection) -> None:
+        """The exchange is over: the connection goes back to the pool if its answer was read
+        whole and nothing about it is in doubt, else it is closed."""
         self._in_use.discard(connection)
         connection.deadline = math.inf
-        if reusable and connection.usable():
+        if connection.finished() and connection.usable():
+            connection.idle_since = connection.time()
             self._idle.append(connection)
             self._wake()
         else:

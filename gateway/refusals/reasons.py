@@ -50,6 +50,7 @@ class Code(Enum):
         503, "Verification keys are unavailable; retry later.", retry_after_seconds=5
     )
     UPSTREAM_TIMEOUT = ErrorSpec(504, "The tracking API did not answer in time.")
+    HTTP_VERSION_NOT_SUPPORTED = ErrorSpec(505, "Only HTTP/1.1 and HTTP/1.0 are served here.")
 
     @property
     def status(self) -> int:
@@ -184,6 +185,9 @@ class Reason(Enum):
     UPSTREAM_TIMEOUT = _r(Code.UPSTREAM_TIMEOUT, "upstream_timeout", upstream_error="timeout")
     INTERNAL = _r(Code.INTERNAL_ERROR, "internal_error")
     HTTP_MALFORMED = _r(Code.BAD_REQUEST, "http_malformed", closes=True)
+    HTTP_VERSION_UNSUPPORTED = _r(
+        Code.HTTP_VERSION_NOT_SUPPORTED, "http_version_unsupported", closes=True
+    )
 
     @property
     def code(self) -> Code:
