@@ -171,7 +171,7 @@ class Pipeline:
             return refused
         else:
             status = AuthStatus.UNVERIFIED  # `monitor`: forwarded, marked
-        sent = outgoing(request, target, exchange, checked, status, config.trusted_proxies)
+        sent = outgoing(request, target, exchange, checked, status, config)
         answer = await exchange_with(self.upstream, sent, bound.upstream_duration[route.name])
         timeout = config.settings.upstream.timeout_seconds
         return relayed(answer, exchange, checked, self.clock.now(), timeout)

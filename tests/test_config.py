@@ -322,7 +322,7 @@ def test_a_bad_workers_value_is_one_problem_at_its_yaml_path(
 
 def test_every_schema_problem_is_reported_at_once(tmp_path: Path, key_a: KeyPair) -> None:
     cfg = config(listen="127.0.0.1", limits={"max_token_bytes": 100})
-    cfg["upstream"] = {"url": "https://tracking.example"}
+    cfg["upstream"] = {"url": "ftp://tracking.example"}
     cfg["projects"]["app"]["mode"] = "strict"
     cfg["projects"]["app"]["audience"] = "${APP_AUDIENCE}"
     cfg["projects"]["app"]["leeway_seconds"] = 301
@@ -330,7 +330,7 @@ def test_every_schema_problem_is_reported_at_once(tmp_path: Path, key_a: KeyPair
         problems(write(tmp_path, cfg, key_a)),
         r"listen: expected HOST:PORT \(got '127\.0\.0\.1'\)",
         r"limits\.max_token_bytes: .*256.* \(got 100\)",
-        r"upstream\.url: expected http://.* \(got 'https://tracking\.example'\)",
+        r"upstream\.url: expected http\(s\)://.* \(got 'ftp://tracking\.example'\)",
         r"projects\.app\.mode: .* \(got 'strict'\)",
         r"projects\.app\.audience: environment variable APP_AUDIENCE is not set",
         r"projects\.app\.leeway_seconds: .*300.* \(got 301\)",
@@ -667,18 +667,18 @@ def test_valid_trusted_proxies_compile(tmp_path: Path, key_a: KeyPair) -> None:
 @pytest.mark.parametrize(
     "url",
     [
-        "https://tracking.example",
+        "ws://tracking.example",
         "ftp://127.0.0.1:8000",
         "127.0.0.1:8000",
         "http://127.0.0.1:8000/track?x=1",
         "http://127.0.0.1:8000/#frag",
     ],
 )
-def test_upstream_url_must_be_plain_http(tmp_path: Path, key_a: KeyPair, url: str) -> None:
+def test_upstream_url_must_be_http_or_https(tmp_path: Path, key_a: KeyPair, url: str) -> None:
     cfg = config(upstream={"url": url})
     assert_problems(
         problems(write(tmp_path, cfg, key_a)),
-        r"upstream\.url: expected http://HOST\[:PORT\]\[/PREFIX\] with no query or fragment"
+        r"upstream\.url: expected http\(s\)://HOST\[:PORT\]\[/PREFIX\] with no query or fragment"
         rf" \(got {re.escape(repr(url))}\)",
     )
 

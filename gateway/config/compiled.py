@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import ssl
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from gateway.config.projects import OTHER_PROJECTS, Project, check_api_keys, com
 from gateway.config.router import RouteEntry, Router
 from gateway.config.routes import Route, check_route_projects, compile_route
 from gateway.config.settings import ConfigError, LoadedConfig, Problem, Settings, load_settings
+from gateway.config.tls import listener_context, upstream_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,8 @@ class CompiledConfig:
     digest: str
     key_fingerprints: dict[str, tuple[tuple[str, str], ...]]  # project → ((kid, fingerprint),)
     token_cache: TokenCache
+    listener_tls: ssl.SSLContext | None  # HTTPS on the public listener, when `tls` is set
+    upstream_tls: ssl.SSLContext | None  # for an https:// upstream
 
     def project(self, project_id: str) -> Project:
         return self.projects.get(project_id.lower(), self.other_projects)
@@ -155,6 +159,8 @@ def compile_config(
         cache = TokenCache(settings.verified_token_cache.max_entries)
     projects, other = _compile_projects(loaded, clock, cache, problems)
     entries = _compile_routes(settings, problems)
+    tls = listener_context(loaded, settings.tls, problems) if settings.tls else None
+    upstream_tls = upstream_context(loaded, settings.upstream, "upstream", problems)
     if problems:
         raise ConfigError(problems)
     return CompiledConfig(
@@ -173,6 +179,8 @@ def compile_config(
             for p, proj in projects.items()
         },
         token_cache=cache,
+        listener_tls=tls,
+        upstream_tls=upstream_tls,
     )
 
 

@@ -177,13 +177,36 @@ class UpstreamSettings(_Settings):
     # A pooled connection idle this long is closed: below the upstream's own keep-alive timeout
     # (5 s in Node and many frameworks), so no request is sent on a connection it is closing.
     idle_timeout_seconds: PositiveSeconds = 4.0
+    # https: only. Verification is always on: the system's CAs, or these.
+    ca_file: str | None = None
+    server_name: str | None = None  # the name sent (SNI) and verified, if not the URL's host
+    client_cert_file: str | None = None  # mutual TLS: this certificate ...
+    client_key_file: str | None = None  # ... with this key
 
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not re.fullmatch(r"http://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9._~\-/]*)?", value):
-            raise ValueError("expected http://HOST[:PORT][/PREFIX] with no query or fragment")
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+(:\d+)?(/[A-Za-z0-9._~\-/]*)?", value):
+            raise ValueError("expected http(s)://HOST[:PORT][/PREFIX] with no query or fragment")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _tls_keys_fit(self) -> UpstreamSettings:
+        tls_keys = ("ca_file", "server_name", "client_cert_file", "client_key_file")
+        if not self.url.startswith("https://"):
+            for key in tls_keys:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is for an https:// url")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        return self
+
+
+class TlsSettings(_Settings):
+    """The public listener speaks HTTPS: TLS 1.2 or later, ALPN http/1.1."""
+
+    cert_file: str  # PEM certificate chain, the server's first; read again on every reload
+    key_file: str
 
 
 class LimitsSettings(_Settings):
@@ -408,6 +431,7 @@ class Settings(_Settings):
     admin_listen: ListenAddress = "127.0.0.1:9090"
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
     trusted_proxies: tuple[Annotated[str, AfterValidator(_cidr)], ...] = ()
+    tls: TlsSettings | None = None
     upstream: UpstreamSettings = UpstreamSettings()
     limits: LimitsSettings = LimitsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()

@@ -92,6 +92,7 @@ class Forwarding:
     authenticated_user: str | None
     peer: str | None
     peer_trusted: bool
+    scheme: bytes  # X-Forwarded-Proto unless a trusted proxy said: https on a TLS listener
     drop: frozenset[str]  # further normalised names: token headers, a decoded Content-Encoding
     token_scheme_drop: dict[str, tuple[bytes, ...]]  # name → values starting b"scheme " dropped
 
@@ -180,7 +181,7 @@ def _added_lines(
     chain.append((forwarding.peer or "unknown").encode())
     lines = [
         b"X-Forwarded-For: " + b", ".join(chain),
-        b"X-Forwarded-Proto: " + kept.get("x-forwarded-proto", b"http"),
+        b"X-Forwarded-Proto: " + kept.get("x-forwarded-proto", forwarding.scheme),
         b"X-Forwarded-Host: " + kept.get("x-forwarded-host", host or b""),
         b"X-Request-Id: " + forwarding.request_id.encode(),
         b"X-Auth-Status: " + forwarding.auth_status.encode(),

@@ -7,6 +7,7 @@ a 2xx: the SDK keeps its batch and retries.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,7 +17,7 @@ from gateway.config.settings import UpstreamSettings
 from gateway.http.client import Answer, Client
 from gateway.http.errors import UPSTREAM_FAILURES, UpstreamUnreachable
 from gateway.http.outbox import Outbox
-from gateway.http.pool import ConnectionPool
+from gateway.http.pool import ConnectionPool, Destination
 from gateway.refusals.reasons import Reason
 
 # What an exchange with the upstream may raise.
@@ -45,16 +46,18 @@ class Upstream:
     # mid-answer still gets a 502 rather than a truncated 2xx.
     BUFFER_BYTES = 1 << 20
 
-    def __init__(self, settings: UpstreamSettings, outbox: Outbox) -> None:
+    def __init__(
+        self, settings: UpstreamSettings, tls: ssl.SSLContext | None, outbox: Outbox
+    ) -> None:
         url = URL(settings.url)
-        self._prefix = url.raw_path.rstrip("/")  # validated: http://host[:port][/prefix]
+        self._prefix = url.raw_path.rstrip("/")  # validated: http(s)://host[:port][/prefix]
         assert url.host is not None
+        assert url.port is not None
         host_header = url.raw_host or url.host
         if url.explicit_port:
             host_header = f"{host_header}:{url.port}"
         self._pool = ConnectionPool(
-            url.host,
-            url.port or 80,
+            Destination(url.host, url.port, tls, settings.server_name),
             settings.max_connections,
             settings.connect_timeout_seconds,
             settings.timeout_seconds,

@@ -6,12 +6,31 @@ upstream's own keep-alive timeout would close them under a request. One timer sw
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import ssl
 from collections import deque
+from dataclasses import dataclass
 
 from gateway.http.errors import UpstreamUnreachable
 from gateway.http.outbox import Outbox
 from gateway.http.upstream_connection import UpstreamConnection
+
+log = logging.getLogger("gateway.upstream")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where the pool connects: an address, and for HTTPS the TLS context and the name to send
+    (SNI) and verify."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    server_name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
 
 class ConnectionPool:
@@ -19,15 +38,15 @@ class ConnectionPool:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        destination: Destination,
         max_connections: int,
         connect_timeout: float,
         exchange_timeout: float,
         idle_timeout: float,
         outbox: Outbox,
     ):
-        self._host, self._port = host, port
+        self._destination = destination
+        self._tls_logged = -math.inf  # when a TLS failure was last logged
         self._outbox = outbox
         self._max = max_connections
         self._connect_timeout = connect_timeout
@@ -105,14 +124,34 @@ class ConnectionPool:
         self._open += 1
         try:
             async with asyncio.timeout_at(deadline):
-                _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(self._outbox), self._host, self._port
-                )
-        except (OSError, TimeoutError):
+                return await self._connect()
+        except (OSError, TimeoutError) as exc:
             self._open -= 1
             self._wake()
+            if isinstance(exc, ssl.SSLError):
+                self._tls_failed(exc, loop.time())
             raise UpstreamUnreachable from None
+
+    async def _connect(self) -> UpstreamConnection:
+        where = self._destination
+        _, connection = await asyncio.get_running_loop().create_connection(
+            lambda: UpstreamConnection(self._outbox),
+            where.host,
+            where.port,
+            ssl=where.tls,
+            server_hostname=(where.server_name or where.host) if where.tls else None,
+        )
         return connection
+
+    def _tls_failed(self, exc: ssl.SSLError, now: float) -> None:
+        """One line naming the upstream and the TLS error, at most once a second: a bad
+        certificate fails every connection."""
+        if now - self._tls_logged >= 1.0:
+            self._tls_logged = now
+            log.error(
+                "upstream TLS handshake failed",
+                extra={"fields": {"upstream": str(self._destination), "error": str(exc)}},
+            )
 
     def release(self, connection: UpstreamConnection) -> None:
         """The exchange is over: the connection goes back to the pool if its answer was read

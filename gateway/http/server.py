@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 
 from gateway.base.tasks import spawn
 from gateway.http.connection import HttpConnection
@@ -23,6 +24,7 @@ log = logging.getLogger("gateway.server")
 ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
 ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (out of descriptors): the backlog waits
 LOG_INTERVAL_SECONDS = 1.0  # refused connections are each counted, but logged at most this often
+HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped
 
 
 def _error_name(exc: OSError) -> str:
@@ -71,6 +73,11 @@ class HttpServer:
         self.loop = loop
         self.outbox = outbox
         self.connections: set[HttpConnection] = set()
+        # HTTPS when set; may be replaced (a reload with new certificates): the next handshakes
+        # use the new one.
+        self.tls: ssl.SSLContext | None = None
+        # Accepted, TLS handshake under way: not yet a connection, but holding a descriptor.
+        self._handshaking: set[HttpConnection] = set()
         self._counts = counts
         self._listener: socket.socket | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -79,12 +86,14 @@ class HttpServer:
         self._accept_failed = _Refusals(
             loop, counts, "accept_error", "accepting a connection failed"
         )
+        self._handshake_failed = _Refusals(loop, counts, "tls_handshake", "TLS handshake failed")
 
-    async def start(self, sock: socket.socket) -> None:
+    async def start(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
         # Accepted here rather than by `loop.create_server`: uvloop (libuv) meets EMFILE by
         # accepting and resetting the waiting connections without a word; here each failure is
         # counted and logged, and the backlog waits for descriptors to free up.
         self._listener = sock
+        self.tls = tls
         self._listen()
         self._sweeper = self.loop.create_task(self._sweep())
 
@@ -110,16 +119,44 @@ class HttpServer:
                 self.loop.remove_reader(listener.fileno())
                 self._retry = self.loop.call_later(ACCEPT_RETRY_SECONDS, self._listen)
                 return
+            limit = self.handler.limits.max_connections
+            if len(self.connections) + len(self._handshaking) >= limit:
+                sock.close()  # handshakes count too: each holds a descriptor and a buffer
+                self._past_limit.note(reason="limit", max_client_connections=limit)
+                continue
             spawn(self._adopt(sock))
 
     async def _adopt(self, sock: socket.socket) -> None:
+        tls = self.tls
+        created: list[HttpConnection] = []
+
+        def connection() -> HttpConnection:
+            # Made before the handshake; counted as a connection once `admit`ted after it.
+            created.append(made := HttpConnection(self))
+            self._handshaking.add(made)
+            return made
+
         try:
-            await self.loop.connect_accepted_socket(lambda: HttpConnection(self), sock)
+            await self.loop.connect_accepted_socket(
+                connection,
+                sock,
+                ssl=tls,
+                ssl_handshake_timeout=HANDSHAKE_SECONDS if tls else None,
+            )
+        except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            sock.close()
+            if tls is None:
+                self._accept_failed.note(error=type(exc).__name__)
+            else:  # a client that is not speaking TLS, or not finishing its handshake
+                self._handshake_failed.note(error=type(exc).__name__)
         except OSError as exc:
             sock.close()
             self._accept_failed.note(error=_error_name(exc))
+        finally:
+            self._handshaking.difference_update(created)
 
     def admit(self, connection: HttpConnection) -> bool:
+        self._handshaking.discard(connection)
         limit = self.handler.limits.max_connections
         if len(self.connections) >= limit:
             self._past_limit.note(reason="limit", max_client_connections=limit)

@@ -91,7 +91,7 @@ class GatewayServer:
             config,
             clock=self.clock,
             counter=make_counter(config, self.clock, self.metrics),
-            upstream=Upstream(config.settings.upstream, self.outbox),
+            upstream=Upstream(config.settings.upstream, config.upstream_tls, self.outbox),
             access_log=access_log or AccessLog(enabled=enabled),
             metrics=self.metrics,
             jwks=self.jwks,
@@ -142,7 +142,7 @@ class GatewayServer:
         self._public = HttpServer(
             self.pipeline, asyncio.get_running_loop(), self.outbox, self.metrics
         )
-        await self._public.start(self._public_socket)
+        await self._public.start(self._public_socket, self.config.listener_tls)
         self._admin = web.AppRunner(make_admin_app(self), access_log=None)
         await self._admin.setup()
         await web.SockSite(self._admin, self._admin_socket).start()
@@ -179,6 +179,8 @@ class GatewayServer:
                 for name in RESTART_ONLY
                 if _setting(candidate.settings, name) != _setting(current.settings, name)
             ]
+            if (candidate.settings.tls is None) != (current.settings.tls is None):
+                problems.append(Problem("tls", "turning HTTPS on or off needs a restart"))
         except ConfigError as exc:
             problems = exc.problems
         if problems:
@@ -190,6 +192,8 @@ class GatewayServer:
             candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         await self._swap_clients(current.settings, candidate)
         self.pipeline.apply(candidate)
+        if self._public is not None:
+            self._public.tls = candidate.listener_tls  # certificates read afresh: rotation
         logging.getLogger().setLevel(candidate.settings.log_level.upper())
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
@@ -201,7 +205,7 @@ class GatewayServer:
         new = candidate.settings
         retired: list[Upstream | FailureCounter] = []
         if new.upstream != old.upstream:
-            upstream = Upstream(new.upstream, self.outbox)
+            upstream = Upstream(new.upstream, candidate.upstream_tls, self.outbox)
             retired.append(self.pipeline.upstream)
             self.pipeline.upstream = upstream
         counter_settings = new.failure_counter.model_copy(update={"threshold": 0})

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.auth.target import Target
+from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
 from gateway.forwarding.headers import (
     Forwarding,
-    IPNetwork,
     forward_headers,
     is_trusted,
     response_headers,
@@ -44,7 +43,7 @@ def outgoing(
     exchange: Exchange,
     checked: Checked,
     status: str,
-    trusted_proxies: Sequence[IPNetwork],
+    config: CompiledConfig,
 ) -> Outgoing:
     route, project = exchange.route, exchange.project
     assert route is not None
@@ -57,7 +56,8 @@ def outgoing(
         if verified
         else None,
         peer=request.remote,
-        peer_trusted=is_trusted(request.remote, trusted_proxies),
+        peer_trusted=is_trusted(request.remote, config.trusted_proxies),
+        scheme=b"https" if config.listener_tls else b"http",
         drop=route.token_header_drop | {"content-encoding"}
         if checked.decoded
         else route.token_header_drop,

@@ -179,7 +179,8 @@ class Metrics:
         self.connections_refused = Counter(
             "gateway_connections_refused_total",
             "Client connections closed at once: past `limits.max_client_connections` (limit), "
-            "or failing to be accepted, such as out of file descriptors (accept_error).",
+            "failing to be accepted, such as out of file descriptors (accept_error), or failing "
+            "their TLS handshake (tls_handshake).",
             ["reason"],
             registry=r,
         )
@@ -198,7 +199,7 @@ class Metrics:
         }
         self.connections_refused_by = {
             reason: self.tally(self.connections_refused.labels(reason))
-            for reason in ("limit", "accept_error")
+            for reason in ("limit", "accept_error", "tls_handshake")
         }
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
