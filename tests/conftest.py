@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import jwt
@@ -39,6 +39,7 @@ from gateway.telemetry.logs import AccessLog
 from gateway.tools.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
 
 NOW = 1_900_000_000.0  # the tests' "now": a fixed instant, moved explicitly
+T = TypeVar("T")
 
 
 def pytest_asyncio_loop_factories(
@@ -240,13 +241,55 @@ class RunningGateway:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.server.admin_port}"
 
+    async def access_log(self, count: int = 1, seconds: float = 5) -> list[dict[str, Any]]:
+        """The access-log records once there are at least `count`: the log is flushed on a
+        timer, so this flushes it and polls; fails at the deadline."""
+
+        async def written() -> bool:
+            self.server.pipeline.access_log.flush()
+            return len(self.log_lines) >= count
+
+        await eventually(written, f"{count} access-log records", seconds)
+        return self.log_lines
+
+    async def access_record(self, request_id: str, seconds: float = 5) -> dict[str, Any]:
+        """The access-log record of `request_id` once it is written; fails unless there is
+        exactly one."""
+
+        def records() -> list[dict[str, Any]]:
+            return [r for r in self.log_lines if r.get("request_id") == request_id]
+
+        async def written() -> bool:
+            self.server.pipeline.access_log.flush()
+            return bool(records())
+
+        await eventually(written, f"the access-log record of {request_id}", seconds)
+        found = records()
+        assert len(found) == 1, f"{len(found)} access-log records for {request_id}"
+        return found[0]
+
+
+def log_records(text: str, *, strict: bool = True) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log, in order: the access log (`gateway run`'s stdout, or
+    what an in-process gateway writes) or the operational log (stderr). With `strict`, every
+    non-empty line must be JSON; without, other lines are skipped: a traceback on stderr, or
+    the last line of a log that is still being written."""
+    if strict:
+        return [json.loads(line) for line in text.splitlines() if line]
+    records = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
 
 class _CapturedLog:
     def __init__(self, sink: list[dict[str, Any]]) -> None:
         self._sink = sink
 
     def write(self, text: str) -> int:
-        self._sink.extend(json.loads(line) for line in text.splitlines() if line)
+        self._sink.extend(log_records(text))
         return len(text)
 
     def flush(self) -> None:
@@ -378,17 +421,58 @@ async def raw_request(port: int, data: bytes, wait_seconds: float = 5) -> RawRes
         writer.close()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30) -> None:
-    """Poll `check` until it holds (a client error counts as not yet); fail at the deadline."""
+def _described(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]],
+    what: str | Callable[[], str],
+    seconds: float = 30,
+    *,
+    interval: float = 0.02,
+    ignoring: tuple[type[BaseException], ...] = (aiohttp.ClientError,),
+) -> T:
+    """Await `check()` every `interval` seconds until it returns something truthy, and return
+    that; once `seconds` have passed, fail naming `what` (text, or a function giving it then).
+    An exception in `ignoring` (by default a client error: not listening yet) counts as not
+    yet; any other fails at once."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while True:
         try:
-            if await check():
-                return
-        except aiohttp.ClientError:
+            value = await check()
+        except ignoring:
             pass
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {_described(what)}")
+        await asyncio.sleep(interval)
+
+
+def eventually_sync(
+    check: Callable[[], T | None],
+    what: str | Callable[[], str],
+    seconds: float = 30,
+    *,
+    interval: float = 0.02,
+    ignoring: tuple[type[BaseException], ...] = (OSError,),
+) -> T:
+    """`eventually` for a plain function, from code that is not a coroutine; by default an
+    `OSError` (a socket not listening yet) counts as not yet."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            value = check()
+        except ignoring:
+            pass
+        else:
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {_described(what)}")
+        time.sleep(interval)  # the poll interval, not a synchronisation point
 
 
 def free_port() -> int:
@@ -409,14 +493,27 @@ def busy_address() -> Iterator[str]:
 
 @asynccontextmanager
 async def gateway_process(
-    config_path: Path, admin_listen: str, *, what: str = "the gateway to be ready"
+    config_path: Path,
+    admin_listen: str,
+    *,
+    what: str = "the gateway to be ready",
+    stdout: Path | None = None,
+    stderr: Path | None = None,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`gateway run -c CONFIG` as a real process, once its admin listener says it is ready;
-    killed on the way out, with any workers it started."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "-c", str(config_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    killed on the way out, with any workers it started. Its stdout and stderr go to the files
+    named, else nowhere; `env` and `preexec_fn` are the child's."""
+    with contextlib.ExitStack() as files:
+        outputs = [
+            files.enter_context(path.open("wb")) if path is not None else asyncio.subprocess.DEVNULL
+            for path in (stdout, stderr)
+        ]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", "-c", str(config_path),
+            stdout=outputs[0], stderr=outputs[1], env=env, preexec_fn=preexec_fn,
+        )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:
 

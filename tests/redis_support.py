@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import eventually_sync, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "redis-cli"
@@ -40,18 +38,6 @@ def cluster_port() -> int:
         if _bindable(port) and _bindable(port + 10_000):
             return port
     raise AssertionError("no free port pair for a cluster node")
-
-
-def wait_until(check: object, what: str, deadline_seconds: float = 10.0) -> None:
-    """Poll `check()` until it returns true, or fail after the deadline."""
-    assert callable(check)
-    deadline = time.monotonic() + deadline_seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if check():
-                return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class RedisProcess:
@@ -85,7 +71,7 @@ class RedisProcess:
         self._process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.directory
         )
-        wait_until(lambda: _ping(self.port).startswith(b"+PONG"), f"redis on {self.port}")
+        eventually_sync(lambda: _ping(self.port).startswith(b"+PONG"), f"redis on {self.port}", 10)
 
     def stop(self) -> None:
         if self._process is None:
@@ -151,10 +137,11 @@ class RedisCluster:
             check=True,
         )
         for node in self.nodes:
-            wait_until(
-                lambda node=node: "cluster_state:ok" in node.cli("cluster", "info"),
-                "cluster state ok",
-            )
+
+            def cluster_ok(node: RedisProcess = node) -> bool:
+                return "cluster_state:ok" in node.cli("cluster", "info")
+
+            eventually_sync(cluster_ok, "cluster state ok", 10)
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -18,7 +18,6 @@ from gateway.counters.memory import MemoryFailureCounter
 from gateway.counters.redis import RedisFailureCounter
 from tests.conftest import NOW, GatewayFactory, RunningGateway, Tokens, Upstream
 from tests.redis_support import RedisProcess
-from tests.test_attacks import access_log
 
 
 @dataclass
@@ -184,7 +183,7 @@ async def test_session_is_limited_after_threshold(
     assert body["error"]["cause"] == "TOKEN_EXPIRED"
     assert headers["Retry-After"] == "1700"
     # The access log says what the client got: the limit, for the underlying failure.
-    logged = (await access_log(gateway, 11))[-1]
+    logged = (await gateway.access_log(11))[-1]
     assert (logged["status"], logged["code"], logged["reason"]) == (
         429,
         "AUTH_FAILURE_LIMIT",

@@ -25,7 +25,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config.settings import LoadedConfig, parse_settings, read_yaml
+from tests.conftest import eventually_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -277,21 +277,17 @@ routes:
 
 
 def scrape_metrics(port: int, process: subprocess.Popen[bytes], log: Path) -> str:
-    deadline = time.monotonic() + 20
-    while True:
+    def scraped() -> str | None:
         assert process.poll() is None, f"the gateway exited:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no /metrics in 20 s:\n{log.read_text()}"
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
+        try:  # an OSError: not listening yet
             connection.request("GET", "/metrics")
             response = connection.getresponse()
-            if response.status == 200:
-                return response.read().decode()
-        except OSError:
-            pass  # not listening yet
+            return response.read().decode() if response.status == 200 else None
         finally:
             connection.close()
-        time.sleep(0.1)
+
+    return eventually_sync(scraped, lambda: f"/metrics:\n{log.read_text()}", 20, interval=0.1)
 
 
 # --- Grafana -----------------------------------------------------------------------------------

@@ -32,10 +32,9 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -52,7 +51,10 @@ from tests.conftest import (
     RunningGateway,
     Tokens,
     base_config,
+    children_of,
+    eventually,
     free_port,
+    gateway_process,
     write_config,
 )
 from tests.redis_support import RedisProcess
@@ -214,10 +216,11 @@ class FaultyUpstream:
 
     async def quiet(self, seconds: float = 5) -> None:
         """Wait until no request is being answered (a slow answer still on its way)."""
-        deadline = time.monotonic() + seconds
-        while any(not c.idle for c in self._connections):
-            assert time.monotonic() < deadline, "the upstream is still answering"
-            await asyncio.sleep(0.01)
+
+        async def idle() -> bool:
+            return all(c.idle for c in self._connections)
+
+        await eventually(idle, "the upstream to finish answering", seconds, interval=0.01)
 
     async def close(self) -> None:
         self.stop()
@@ -884,17 +887,20 @@ async def counting_again(gateway: RunningGateway, session_id: str, tokens: Token
         "X-Sdk-Auth-Token": tokens.expired("user-0"),
     }
     body = json.dumps({"customer_ids": {"registered": "user-0"}})
-    deadline = time.monotonic() + 5
     sent = 0
     async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
+
+        async def limited() -> int:
+            nonlocal sent
             async with session.post(gateway.url + EVENTS, data=body, headers=headers) as r:
                 sent += 1
-                if r.status == 429:
-                    return sent
-                assert r.status == 401
-            await asyncio.sleep(0.02)  # polling the counter's recovery
-    raise AssertionError(f"the counter did not count again within 5 s ({sent} sent)")
+                assert r.status in (401, 429)
+                return sent if r.status == 429 else 0
+
+        def what() -> str:
+            return f"the counter to count again ({sent} sent)"
+
+        return await eventually(limited, what, 5, ignoring=())
 
 
 async def test_redis_down(
@@ -1013,14 +1019,7 @@ class GatewayProcess:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            if await check():
-                return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+TRANSIENT = (aiohttp.ClientError, OSError)  # a worker or listener not there yet
 
 
 async def ready(admin: str) -> bool:
@@ -1028,19 +1027,8 @@ async def ready(admin: str) -> bool:
         return response.status == 200
 
 
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    found.add(int(entry.name))
-    return found
-
-
 @contextlib.asynccontextmanager
-async def gateway_process(
+async def started_gateway(
     tmp_path: Path, upstream_url: str, key_a: KeyPair, key_b: KeyPair, **overrides: Any
 ) -> AsyncIterator[GatewayProcess]:
     """`gateway run` as a real process; killed, with its workers, however the test ends."""
@@ -1054,32 +1042,15 @@ async def gateway_process(
     )
     path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
     log = tmp_path / "gateway.stderr"
-    with log.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(path),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=log_file,
+    async with gateway_process(path, config["admin_listen"], stderr=log) as process:
+        yield GatewayProcess(
+            process,
+            f"http://{config['listen']}",
+            f"http://{config['admin_listen']}",
+            path,
+            config,
+            log,
         )
-    running = GatewayProcess(
-        process, f"http://{config['listen']}", f"http://{config['admin_listen']}", path, config, log
-    )
-    children: set[int] = set()
-    try:
-        await eventually(lambda: ready(running.admin), "the gateway to be ready")
-        yield running
-    finally:
-        if process.returncode is None:
-            children = children_of(process.pid)
-            process.kill()
-            await process.wait()
-        for child in children | children_of(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
 
 
 async def test_reloads_under_load(
@@ -1093,7 +1064,7 @@ async def test_reloads_under_load(
     """SIGHUP and POST /-/reload in turn, every 40 answers; each reload changes the upstream
     settings (a new connection pool, the old one closed under load) and the counter."""
     tokens.clock.set(time.time())
-    async with gateway_process(
+    async with started_gateway(
         tmp_path, faulty.url, key_a, key_b, upstream=upstream_settings(faulty.url, timeout=1)
     ) as gateway:
         load = Load(gateway.url, make_plan("reload", 480, tokens, key_b))
@@ -1124,7 +1095,7 @@ async def test_reloads_under_load(
             )
             return applied == len(reloads)
 
-        await eventually(all_applied, "every reload to be applied")
+        await eventually(all_applied, "every reload to be applied", 15, ignoring=TRANSIENT)
         tally = account("reloads", outcomes, faulty, Expect(frozenset({200})))
         tally.notes = {"reloads": len(reloads)}
         settle(tally, report)
@@ -1146,7 +1117,7 @@ async def test_worker_killed_under_load(
     A request on a killed worker may end in a connection error (the client sees the server go
     away: counted as "client gone"), never in a wrong answer or a lost 2xx."""
     tokens.clock.set(time.time())
-    async with gateway_process(tmp_path, faulty.url, key_a, key_b, workers=2) as gateway:
+    async with started_gateway(tmp_path, faulty.url, key_a, key_b, workers=2) as gateway:
         parent = gateway.process.pid
         original = children_of(parent)
         assert len(original) == 2
@@ -1164,7 +1135,13 @@ async def test_worker_killed_under_load(
                     now = children_of(parent)
                     return len(now) == 2 and victim not in now and await ready(gateway.admin)
 
-                await eventually(replaced, "the killed worker to be replaced")
+                await eventually(
+                    replaced,
+                    "the killed worker to be replaced",
+                    15,
+                    interval=0.05,  # a scan of /proc each time, while the load runs
+                    ignoring=TRANSIENT,
+                )
 
         outcomes = await run_with_faults(faulty, load, kill_each, seconds=30)
         passing = frozenset({200, None})

@@ -9,7 +9,6 @@ parsers) and check the gateway never authorised one reading and forwarded anothe
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import copy
 import gzip
@@ -1416,19 +1415,6 @@ def assert_contract_error(status: int, headers: dict[str, str], body: bytes) -> 
     assert headers["x-request-id"] == answer["error"]["request_id"]
 
 
-async def access_log_record(gateway: RunningGateway, request_id: str) -> dict[str, Any]:
-    """The access-log record of one request, polled until it is written."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while True:
-        gateway.server.pipeline.access_log.flush()
-        found = [r for r in gateway.log_lines if r["request_id"] == request_id]
-        if found or loop.time() > deadline:
-            assert len(found) == 1, f"{len(found)} access-log records for {request_id}"
-            return found[0]
-        await asyncio.sleep(0.005)
-
-
 @FUZZ_HTTP
 @given(request=requests())
 async def test_end_to_end_only_the_token_user_reaches_the_upstream(
@@ -1449,7 +1435,7 @@ async def test_end_to_end_only_the_token_user_reaches_the_upstream(
     path, data = encode_request(request, token, request_id)
     answer = await raw_request(fuzz_gateway.port, data)
     assert answer.status != 500, answer.body
-    record = await access_log_record(fuzz_gateway, request_id)
+    record = await fuzz_gateway.access_record(request_id)
     assert record["status"] == answer.status
     forwarded = [
         r

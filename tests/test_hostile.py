@@ -124,19 +124,6 @@ def assert_bad_request(answer: Answer | RawResponse, reason: str) -> None:
     assert_refused(answer, 400, "BAD_REQUEST", reason)
 
 
-async def access_log_lines(
-    gateway: RunningGateway, count: int, wait_seconds: float = 2
-) -> list[dict[str, Any]]:
-    """The access log once it holds `count` lines, or what it holds at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_seconds
-    while True:
-        gateway.server.pipeline.access_log.flush()
-        if len(gateway.log_lines) >= count or loop.time() > deadline:
-            return gateway.log_lines
-        await asyncio.sleep(0.01)
-
-
 def monitor(config: dict[str, Any]) -> None:
     config["projects"]["app"]["mode"] = "monitor"
 
@@ -626,7 +613,7 @@ async def test_body_cut_short_by_the_client_is_a_client_error_in_the_access_log(
     await writer.wait_closed()
     # One access-log line per request, and a client's failure is not the gateway's:
     # a 4xx in the log, no error logged with a traceback.
-    records = await access_log_lines(gateway, 1)
+    records = await gateway.access_log()
     assert len(records) == 1, "no access-log line for the request"
     assert records[0]["route"] == "track-events"
     assert 400 <= records[0]["status"] < 500

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import ConfigError, load_settings
-from tests.conftest import NOW, GatewayFactory, KeyPair, RunningGateway, write_config
+from tests.conftest import (
+    NOW,
+    GatewayFactory,
+    KeyPair,
+    RunningGateway,
+    eventually,
+    write_config,
+)
 
 EVENTS = "/track/v2/projects/app/customers/events"
 SMALL_RSA = rsa.generate_private_key(public_exponent=65537, key_size=1024)
@@ -204,13 +209,11 @@ def use_url(url: str, refetch: int = 1) -> Any:
 
 
 async def wait_ready(http: aiohttp.ClientSession, gateway: RunningGateway) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    async def ready() -> bool:
         async with http.get(gateway.admin_url + "/readyz") as response:
-            if response.status == 200:
-                return
-        await asyncio.sleep(0.02)
-    raise AssertionError("never ready")
+            return response.status == 200
+
+    await eventually(ready, "readiness", 10, ignoring=())
 
 
 async def test_jwks_url_keys_and_rotation_by_unknown_kid(

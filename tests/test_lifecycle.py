@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from tests.conftest import (
     base_config,
     eventually,
     free_port,
+    gateway_process,
     write_config,
 )
 
@@ -166,43 +167,26 @@ StartProcess = Callable[..., Awaitable[GatewayProcess]]
 
 @pytest.fixture
 async def start_process(
-    tmp_path: Path, key_a: KeyPair, key_b: KeyPair, http: aiohttp.ClientSession
+    tmp_path: Path, key_a: KeyPair, key_b: KeyPair
 ) -> AsyncIterator[StartProcess]:
-    started: list[asyncio.subprocess.Process] = []
+    async with contextlib.AsyncExitStack() as processes:
 
-    async def start(upstream_url: str, **overrides: Any) -> GatewayProcess:
-        config = base_config(upstream_url)
-        config.update(
-            listen=f"127.0.0.1:{free_port()}", admin_listen=f"127.0.0.1:{free_port()}", **overrides
-        )
-        path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(path),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        started.append(process)
-        running = GatewayProcess(
-            process, f"http://{config['listen']}", f"http://{config['admin_listen']}", path
-        )
+        async def start(upstream_url: str, **overrides: Any) -> GatewayProcess:
+            config = base_config(upstream_url)
+            config.update(
+                listen=f"127.0.0.1:{free_port()}",
+                admin_listen=f"127.0.0.1:{free_port()}",
+                **overrides,
+            )
+            path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
+            process = await processes.enter_async_context(
+                gateway_process(path, config["admin_listen"], what="readiness")
+            )
+            return GatewayProcess(
+                process, f"http://{config['listen']}", f"http://{config['admin_listen']}", path
+            )
 
-        async def ready() -> bool:
-            async with http.get(running.admin + "/readyz") as response:
-                return response.status == 200
-
-        await eventually(ready, "readiness")
-        return running
-
-    yield start
-    for process in started:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        yield start
 
 
 async def test_sigterm_drains_and_finishes_requests_in_flight(

@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,16 @@ import jwt
 import pytest
 import yaml
 
-from tests.conftest import KeyPair, Upstream, base_config, eventually, free_port, write_config
+from tests.conftest import (
+    KeyPair,
+    Upstream,
+    base_config,
+    eventually,
+    free_port,
+    gateway_process,
+    log_records,
+    write_config,
+)
 
 EVENTS = "/track/v2/projects/app/customers/events"
 REPO = Path(__file__).resolve().parent.parent
@@ -33,15 +41,6 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-async def start_logged(
-    path: Path, env: dict[str, str], stdout: Path, stderr: Path
-) -> asyncio.subprocess.Process:
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "-c", str(path), stdout=out, stderr=err, env=env
-        )
 
 
 async def test_no_token_secret_or_api_key_reaches_any_log(
@@ -81,14 +80,9 @@ async def test_no_token_secret_or_api_key_reaches_any_log(
         "PATH": "/usr/bin:/bin",
         "PYTHONPATH": str(REPO),
     }
-    process = await start_logged(path, env, stdout, stderr)
-    try:
-
-        async def ready() -> bool:
-            async with http.get(f"http://127.0.0.1:{admin}/readyz") as response:
-                return response.status == 200
-
-        await eventually(ready, "readiness")
+    async with gateway_process(
+        path, f"127.0.0.1:{admin}", what="readiness", stdout=stdout, stderr=stderr, env=env
+    ) as process:
         body = json.dumps({"customer_ids": {"registered": "alice"}})
         json_type = {"Content-Type": "application/json"}
         for token in tokens.values():
@@ -122,12 +116,11 @@ async def test_no_token_secret_or_api_key_reaches_any_log(
         async with http.post(f"http://127.0.0.1:{admin}/-/reload") as response:
             assert response.status == 422
             assert SECRET not in await response.text()
-    finally:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await process.wait() == 0
     logs = stdout.read_text() + stderr.read_text()
-    access = [json.loads(line) for line in stdout.read_text().splitlines() if line]
+    access = log_records(stdout.read_text())
     assert len(access) == 28  # every request was logged, the unparsable ones too ...
     assert sum(1 for record in access if record["reason"] == "http_malformed") == 8
     assert any(record["token_sha256"] for record in access)  # ... tokens only as fingerprints
@@ -171,50 +164,48 @@ async def test_real_prometheus_scrapes_the_gateway(
     path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
     prometheus_config = write_prometheus_config(tmp_path, admin)
     quiet = asyncio.subprocess.DEVNULL
-    gateway = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "run", "-c", str(path), stdout=quiet, stderr=quiet
-    )
-    prometheus = await asyncio.create_subprocess_exec(
-        PROMETHEUS,
-        f"--config.file={prometheus_config}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        stdout=quiet,
-        stderr=quiet,
-    )
-    try:
-        json_type = {"Content-Type": "application/json"}
+    async with gateway_process(path, f"127.0.0.1:{admin}"):
+        prometheus = await asyncio.create_subprocess_exec(
+            PROMETHEUS,
+            f"--config.file={prometheus_config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+            stdout=quiet,
+            stderr=quiet,
+        )
+        try:
+            json_type = {"Content-Type": "application/json"}
 
-        async def served() -> bool:
-            url = f"http://127.0.0.1:{port}{EVENTS}"
-            async with http.post(url, data=b"{}", headers=json_type) as response:
-                return response.status == 200
+            async def served() -> bool:
+                url = f"http://127.0.0.1:{port}{EVENTS}"
+                async with http.post(url, data=b"{}", headers=json_type) as response:
+                    return response.status == 200
 
-        await eventually(served, "the gateway to serve")
-        result: list[Any] = []
+            await eventually(served, "the gateway to serve")
+            result: list[Any] = []
 
-        async with aiohttp.ClientSession() as client:  # Prometheus answers gzip-encoded
+            async with aiohttp.ClientSession() as client:  # Prometheus answers gzip-encoded
 
-            async def scraped() -> bool:
-                query = 'gateway_requests_total{route="track-events",project="app",status="200"}'
-                url = f"http://127.0.0.1:{prometheus_port}/api/v1/query"
-                async with client.get(url, params={"query": query}) as response:
-                    if response.status != 200:
-                        return False
-                    answer = await response.json()
-                result[:] = answer["data"]["result"]
-                return bool(result)
+                async def scraped() -> bool:
+                    query = (
+                        'gateway_requests_total{route="track-events",project="app",status="200"}'
+                    )
+                    url = f"http://127.0.0.1:{prometheus_port}/api/v1/query"
+                    async with client.get(url, params={"query": query}) as response:
+                        if response.status != 200:
+                            return False
+                        answer = await response.json()
+                    result[:] = answer["data"]["result"]
+                    return bool(result)
 
-            await eventually(scraped, "Prometheus to scrape the gateway", 60)
-        assert result[0]["metric"]["job"] == "gateway"
-        assert float(result[0]["value"][1]) >= 1
-    finally:
-        for process in (prometheus, gateway):
-            process.send_signal(signal.SIGTERM)
-        for process in (prometheus, gateway):
+                await eventually(scraped, "Prometheus to scrape the gateway", 60)
+            assert result[0]["metric"]["job"] == "gateway"
+            assert float(result[0]["value"][1]) >= 1
+        finally:
+            prometheus.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(20):
-                    await process.wait()
+                    await prometheus.wait()
             except TimeoutError:
-                process.kill()
-                await process.wait()
+                prometheus.kill()
+                await prometheus.wait()

@@ -4,9 +4,9 @@ concurrency, Redis Cluster, and separate gateway processes counting together."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +19,14 @@ from redis.asyncio import Redis
 
 from gateway.counters import session_key
 from gateway.counters.redis import RESET_BATCH, RedisFailureCounter, redis_key
-from tests.conftest import GatewayFactory, RunningGateway, Tokens, eventually, free_port
+from tests.conftest import (
+    GatewayFactory,
+    RunningGateway,
+    Tokens,
+    eventually,
+    free_port,
+    gateway_process,
+)
 from tests.redis_support import RedisCluster, RedisProcess
 
 KEY = session_key("app", "app", "session", "s-1")
@@ -255,37 +262,18 @@ async def test_two_gateway_processes_count_together(
         _write_process_config(tmp_path, f"gw{i}.yaml", "http://127.0.0.1:9", redis_server.url)
         for i in range(2)
     ]
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(path),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        for path in configs
-    ]
-    try:
-        urls = []
+    async with contextlib.AsyncExitStack() as running:
+        urls: list[str] = []
+        processes: list[asyncio.subprocess.Process] = []
         for path in configs:
             settings = yaml.safe_load(path.read_text())
             urls.append(f"http://{settings['listen']}")
-            admin = f"http://{settings['admin_listen']}/readyz"
-
-            async def ready(admin: str = admin) -> bool:
-                try:
-                    async with http.get(admin) as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(ready, "gateway process readiness", 20)
+            started = gateway_process(
+                path, settings["admin_listen"], what="gateway process readiness"
+            )
+            processes.append(await running.enter_async_context(started))
         statuses = [await send_failure(http, urls[i % 2], "shared") for i in range(4)]
         assert statuses == [401, 401, 401, 429]
-    finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for process in processes:

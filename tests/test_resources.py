@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import json
 import logging
 import re
 import resource
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -38,6 +36,8 @@ from tests.conftest import (
     base_config,
     eventually,
     free_port,
+    gateway_process,
+    log_records,
     raw_request,
     write_config,
 )
@@ -376,58 +376,40 @@ async def test_accept_errors_are_counted_and_logged_and_serving_goes_on(
     def few_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    with stderr.open("wb") as errors:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(path),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=errors,
-            preexec_fn=few_descriptors,
-        )
     held: list[asyncio.StreamWriter] = []
-    try:
+    async with gateway_process(
+        path, f"127.0.0.1:{admin}", what="readiness", stderr=stderr, preexec_fn=few_descriptors
+    ):
+        try:
+            held += [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(100)]
 
-        async def ready() -> bool:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{admin}/readyz") as response,
-            ):
-                return response.status == 200
+            async def logged() -> bool:
+                return b"accepting a connection failed" in stderr.read_bytes()
 
-        await eventually(ready, "readiness", 30)
-        held += [(await asyncio.open_connection("127.0.0.1", port))[1] for _ in range(100)]
+            await eventually(logged, "the accept error in the log", 10)
+            for writer in held:
+                writer.close()
+            held.clear()
 
-        async def logged() -> bool:
-            return b"accepting a connection failed" in stderr.read_bytes()
+            async def served() -> bool:
+                with contextlib.suppress(
+                    ConnectionError, asyncio.IncompleteReadError, TimeoutError
+                ):
+                    return (await raw_request(port, ORDINARY, wait_seconds=2)).status == 200
+                return False
 
-        await eventually(logged, "the accept error in the log", 10)
-        for writer in held:
-            writer.close()
-        held.clear()
-
-        async def served() -> bool:
-            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-                return (await raw_request(port, ORDINARY, wait_seconds=2)).status == 200
-            return False
-
-        await eventually(served, "serving once descriptors are free", 10)
-        name = 'gateway_connections_refused_total{reason="accept_error"}'
-        assert await metric(f"http://127.0.0.1:{admin}", name) >= 1
-        times = [
-            datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
-            for line in stderr.read_text().splitlines()
-            if line.startswith("{")
-            and (record := json.loads(line))["message"] == "accepting a connection failed"
-        ]
-        assert times
-        assert all(later - earlier > timedelta(seconds=0.9) for earlier, later in pairwise(times))
-    finally:
-        for writer in held:
-            writer.close()
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+            await eventually(served, "serving once descriptors are free", 10)
+            name = 'gateway_connections_refused_total{reason="accept_error"}'
+            assert await metric(f"http://127.0.0.1:{admin}", name) >= 1
+            times = [
+                datetime.fromisoformat(record["time"].replace("Z", "+00:00"))
+                for record in log_records(stderr.read_text(), strict=False)
+                if record["message"] == "accepting a connection failed"
+            ]
+            assert times
+            assert all(
+                later - earlier > timedelta(seconds=0.9) for earlier, later in pairwise(times)
+            )
+        finally:
+            for writer in held:
+                writer.close()

@@ -20,7 +20,6 @@ from tests.conftest import (
     RunningGateway,
     Upstream,
     base_config,
-    eventually,
     raw_request,
     write_config,
 )
@@ -46,13 +45,7 @@ def with_routes(*routes: dict[str, Any]) -> Any:
 
 async def routed(gateway: RunningGateway, count: int) -> list[str | None]:
     """The `route` of each of the first `count` access-log lines, once they are written."""
-
-    async def written() -> bool:
-        gateway.server.pipeline.access_log.flush()
-        return len(gateway.log_lines) >= count
-
-    await eventually(written, f"{count} access-log lines", seconds=5)
-    return [line.get("route") for line in gateway.log_lines[:count]]
+    return [line.get("route") for line in (await gateway.access_log(count))[:count]]
 
 
 def error_reason(answer: RawResponse) -> str:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from gateway.http.errors import UpstreamBroken
 from gateway.http.response_reader import ResponseReader
-from tests.conftest import GatewayFactory, raw_request
+from tests.conftest import GatewayFactory, eventually, raw_request
 
 SDK_CONFIG = "/v2/sdkconfig"
 GET = f"GET {SDK_CONFIG} HTTP/1.1\r\nHost: gw\r\nX-App-Id: app\r\n\r\n".encode()
@@ -100,9 +100,11 @@ async def gateway_for(
 
 async def closed_by_gateway(upstream: RawUpstream, connection: int) -> None:
     """Polls, with a deadline, until the gateway has closed that upstream connection."""
-    async with asyncio.timeout(5):
-        while connection not in upstream.closed:  # noqa: ASYNC110 - the upstream's own record
-            await asyncio.sleep(0.01)
+
+    async def closed() -> bool:
+        return connection in upstream.closed
+
+    await eventually(closed, f"the gateway to close upstream connection {connection}", 5)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -4,11 +4,9 @@ killed worker replaced, SIGTERM drains them all."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from tests.conftest import (
     children_of,
     eventually,
     free_port,
+    gateway_process,
     write_config,
 )
 
@@ -45,7 +44,7 @@ class Running:
 
 @pytest.fixture
 async def two_workers(
-    tmp_path: Path, key_a: KeyPair, key_b: KeyPair, upstream: Upstream, http: aiohttp.ClientSession
+    tmp_path: Path, key_a: KeyPair, key_b: KeyPair, upstream: Upstream
 ) -> AsyncIterator[Running]:
     config = base_config(upstream.url)
     config.update(
@@ -56,35 +55,11 @@ async def two_workers(
     )
     config["projects"]["app"]["mode"] = "monitor"
     path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
-    log_file = (tmp_path / "stderr.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "run",
-        "-c",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=log_file,
-    )
-    running = Running(process, config, path)
-
-    async def ready() -> bool:
-        async with http.get(running.admin + "/readyz") as response:
-            return response.status == 200
-
-    try:
-        await eventually(ready, "both workers ready")
-        yield running
-    finally:
-        workers = children_of(process.pid)  # before the parent goes: then they are orphans
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        for child in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        log_file.close()
+    stderr = tmp_path / "stderr.log"
+    async with gateway_process(
+        path, config["admin_listen"], what="both workers ready", stderr=stderr
+    ) as process:
+        yield Running(process, config, path)
 
 
 async def send(http: aiohttp.ClientSession, url: str, user: str = "alice") -> int:
