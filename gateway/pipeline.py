@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 from gateway.auth.extract import RequestParts, collect_headers
@@ -42,6 +43,17 @@ from gateway.telemetry.metrics import BoundMetrics, Metrics
 log = logging.getLogger("gateway.server")
 
 JWKS_URL_KID = "_jwks_url"  # the key label of every key fetched from a JWKS URL
+UPSTREAM_FAILURES = [reason for reason in Reason if reason.upstream_error is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What a request is served with, from start to end even across a reload: the compiled
+    config, its bound metrics and the upstreams its routes name."""
+
+    config: CompiledConfig
+    bound: BoundMetrics
+    upstreams: dict[str, Upstream]
 
 
 class Pipeline:
@@ -53,7 +65,7 @@ class Pipeline:
         *,
         clock: Clock,
         counter: FailureCounter,
-        upstream: Upstream,
+        upstreams: dict[str, Upstream],
         access_log: AccessLog,
         metrics: Metrics,
         jwks: JwksRefresher,
@@ -61,16 +73,16 @@ class Pipeline:
         self.jwks = jwks
         self.clock = clock
         self.counter = counter
-        self.upstream = upstream
         self.access_log = access_log
         self.metrics = metrics
         self.stopping = False
-        self.apply(config)
+        self.apply(config, upstreams)
 
-    def apply(self, config: CompiledConfig) -> None:
-        """Serve `config` from the next request on; requests under way keep the one they had."""
+    def apply(self, config: CompiledConfig, upstreams: dict[str, Upstream]) -> None:
+        """Serve `config` with `upstreams` from the next request on; requests under way keep
+        what they had."""
         projects = (*config.projects.values(), config.other_projects)
-        self.bound = self.metrics.bind(
+        bound = self.metrics.bind(
             [entry.route.name for entry in config.router.entries],
             {p.label: p.mode for p in projects},
             {
@@ -79,7 +91,10 @@ class Pipeline:
             },
             self.counter.backend,
         )
-        self.config = config
+        self.serving = Serving(config, bound, upstreams)
+        for name in upstreams:  # every series there from the start, at zero
+            for reason in UPSTREAM_FAILURES:
+                self.metrics.upstream_error_for(name, reason)
         settings = config.settings.limits
         self.limits = ConnectionLimits(
             max_field_bytes=max(8190, settings.max_token_bytes + 1024),
@@ -89,16 +104,20 @@ class Pipeline:
         )
         self.jwks.watch({p.label: p.keys for p in projects})
 
+    @property
+    def config(self) -> CompiledConfig:
+        return self.serving.config
+
     # --- what the listener calls -----------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         exchange = Exchange(request_id(request))
-        # One config (and its bound metrics) for the whole request, even across a reload.
-        config, bound = self.config, self.bound
+        serving = self.serving
+        bound = serving.bound
         self.metrics.requests_in_flight += 1
         try:
-            response = await self.run(request, config, bound, exchange)
+            response = await self.run(request, serving, exchange)
         except Rejected as refused:
             if exchange.authenticating and exchange.decision is None:
                 exchange.decision, exchange.decision_reason = "rejected", refused.reason
@@ -122,7 +141,8 @@ class Pipeline:
         )
         reason = Reason.HTTP_VERSION_UNSUPPORTED if version_unsupported else Reason.HTTP_MALFORMED
         response = refusal(reason, exchange)
-        self._record(None, "", remote, self.bound, exchange, response.status, time.perf_counter())
+        started = time.perf_counter()
+        self._record(None, "", remote, self.serving.bound, exchange, response.status, started)
         return response
 
     def failed(self) -> Response:
@@ -135,11 +155,11 @@ class Pipeline:
 
     # --- the stages, in order --------------------------------------------------------------------
 
-    async def run(
-        self, request: Request, config: CompiledConfig, bound: BoundMetrics, exchange: Exchange
-    ) -> Response:
+    async def run(self, request: Request, serving: Serving, exchange: Exchange) -> Response:
         if self.stopping:
             raise Rejected(Reason.SHUTTING_DOWN)
+        config, bound = serving.config, serving.bound
+        exchange.client = client_of(request, config.trusted_proxies)  # logged with any refusal
         target = read_target(request)
         if request.method == "OPTIONS" and (answered := preflight(request, config.router, target)):
             return answered
@@ -162,7 +182,6 @@ class Pipeline:
         checked = check(*checks)
         if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
             checked = await self._with_fresh_keys(project, checked, checks)
-        exchange.client = client_of(request, config.trusted_proxies)
         exchange.token_fingerprint = checked.token_fingerprint
         if checked.failure is None:
             self._verified(bound, exchange, checked)
@@ -172,7 +191,8 @@ class Pipeline:
         else:
             status = AuthStatus.UNVERIFIED  # `monitor`: forwarded, marked
         sent = outgoing(request, target, exchange, checked, status, config)
-        answer = await exchange_with(self.upstream, sent, bound.upstream_duration[route.name])
+        upstream = serving.upstreams[route.upstream]
+        answer = await exchange_with(upstream, sent, bound.upstream_duration[route.name])
         timeout = config.settings.upstream.timeout_seconds
         return relayed(answer, exchange, checked, self.clock.now(), timeout)
 

@@ -80,7 +80,8 @@ async def test_requests_decisions_and_key_uses_are_counted(
     assert value(samples, "gateway_build_info", version="0.1.0") == 1
     assert value(samples, "gateway_requests_in_flight") == 0
     for kind in ("connect", "timeout", "other"):
-        assert ("gateway_upstream_errors_total", (("kind", kind),)) in samples
+        labels = (("kind", kind), ("upstream", "default"))
+        assert ("gateway_upstream_errors_total", labels) in samples
 
 
 async def test_unknown_projects_are_one_label(
@@ -147,7 +148,10 @@ async def test_session_limits_upstream_errors_and_reloads_are_counted(
         assert response.status == 200
     samples = await scrape(http, gateway)
     assert value(samples, "gateway_session_limited_total", project="app") == 2
-    assert value(samples, "gateway_upstream_errors_total", kind="connect") == 1
+    connect_errors = value(
+        samples, "gateway_upstream_errors_total", upstream="default", kind="connect"
+    )
+    assert connect_errors == 1
     # The decision's code is the auth outcome, not the upstream failure that followed it.
     anonymous = {"project": "app", "mode": "required", "decision": "anonymous"}
     assert value(samples, "gateway_auth_decisions_total", **anonymous, code="") == 1

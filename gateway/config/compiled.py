@@ -19,7 +19,12 @@ from gateway.auth.verify import TokenCache
 from gateway.base.clock import Clock
 from gateway.config.projects import OTHER_PROJECTS, Project, check_api_keys, compile_project
 from gateway.config.router import RouteEntry, Router
-from gateway.config.routes import Route, check_route_projects, compile_route
+from gateway.config.routes import (
+    DEFAULT_UPSTREAM,
+    Route,
+    check_route_projects,
+    compile_route,
+)
 from gateway.config.settings import ConfigError, LoadedConfig, Problem, Settings, load_settings
 from gateway.config.tls import listener_context, upstream_context
 
@@ -37,7 +42,7 @@ class CompiledConfig:
     key_fingerprints: dict[str, tuple[tuple[str, str], ...]]  # project → ((kid, fingerprint),)
     token_cache: TokenCache
     listener_tls: ssl.SSLContext | None  # HTTPS on the public listener, when `tls` is set
-    upstream_tls: ssl.SSLContext | None  # for an https:// upstream
+    upstream_tls: dict[str, ssl.SSLContext | None]  # by upstream name: for https:// ones
 
     def project(self, project_id: str) -> Project:
         return self.projects.get(project_id.lower(), self.other_projects)
@@ -140,11 +145,31 @@ def _compile_routes(settings: Settings, problems: list[Problem]) -> list[RouteEn
             problems.append(
                 Problem(f"routes[{index}].name", f"{route_settings.name!r} names two routes")
             )
+        name = route_settings.upstream
+        if name is not None and name not in settings.upstreams:
+            known = ", ".join(sorted(settings.upstreams)) or "none"
+            problems.append(
+                Problem(f"routes[{index}].upstream", f"{name!r} is not in upstreams ({known})")
+            )
         entry = compile_route(route_settings, settings, index, problems)
         if entry is not None:
             check_route_projects(entry.route, index, settings, problems)
             entries.append(entry)
     return entries
+
+
+def _upstream_contexts(
+    loaded: LoadedConfig, problems: list[Problem]
+) -> dict[str, ssl.SSLContext | None]:
+    settings = loaded.settings
+    if DEFAULT_UPSTREAM in settings.upstreams:
+        problems.append(
+            Problem(f"upstreams.{DEFAULT_UPSTREAM}", "is the name of `upstream`: choose another")
+        )
+    contexts = {DEFAULT_UPSTREAM: upstream_context(loaded, settings.upstream, "upstream", problems)}
+    for name, upstream in settings.upstreams.items():
+        contexts[name] = upstream_context(loaded, upstream, f"upstreams.{name}", problems)
+    return contexts
 
 
 def compile_config(
@@ -160,7 +185,7 @@ def compile_config(
     projects, other = _compile_projects(loaded, clock, cache, problems)
     entries = _compile_routes(settings, problems)
     tls = listener_context(loaded, settings.tls, problems) if settings.tls else None
-    upstream_tls = upstream_context(loaded, settings.upstream, "upstream", problems)
+    upstream_tls = _upstream_contexts(loaded, problems)
     if problems:
         raise ConfigError(problems)
     return CompiledConfig(

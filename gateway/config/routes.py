@@ -49,6 +49,7 @@ class ProjectFixed:
 ProjectFrom = ProjectFromPath | ProjectFromHeader | ProjectFixed
 
 API_KEY_SOURCE = HeaderSource("authorization", "token")
+DEFAULT_UPSTREAM = "default"  # the name of `upstream` in metrics and logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class Route:
     forward_token: bool
     error_format: ErrorFormat
     cors: CorsPolicy | None
+    upstream: str  # a name from `upstreams`, or DEFAULT_UPSTREAM
     reads_json: bool = field(init=False)
     json_paths: tuple[tuple[str | None, ...], ...] = field(init=False)  # steps of json sources
     reads_query: bool = field(init=False)
@@ -192,6 +194,7 @@ def compile_route(
         forward_token=route_settings.forward_token,
         error_format=ErrorFormat(route_settings.error_format),
         cors=None,
+        upstream=route_settings.upstream or DEFAULT_UPSTREAM,
     )
     if route_settings.cors is not None:
         cors = CorsPolicy.build(
@@ -224,6 +227,7 @@ def _project_from(route_settings: RouteSettings, pattern: re.Pattern[str]) -> Pr
 
 
 def _check_sources(route: Route, path: str, problems: list[Problem]) -> None:
+    """Each role has its sources, no header serves two."""
     if route.sdk_jwt and not route.identity:
         problems.append(Problem(f"{path}.identity", "sdk_jwt needs at least one identity source"))
     if route.sdk_jwt and not route.token:

@@ -166,6 +166,17 @@ def _listen_address(value: Any) -> Any:
 
 
 ListenAddress = Annotated[str, BeforeValidator(_listen_address)]
+
+
+def _endpoint(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(
+        r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}", value
+    ):
+        raise ValueError("expected HOST:PORT")
+    return value
+
+
+Endpoint = Annotated[str, BeforeValidator(_endpoint)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
@@ -177,6 +188,9 @@ class UpstreamSettings(_Settings):
     # A pooled connection idle this long is closed: below the upstream's own keep-alive timeout
     # (5 s in Node and many frameworks), so no request is sent on a connection it is closing.
     idle_timeout_seconds: PositiveSeconds = 4.0
+    # HOST:PORT addresses to connect to, round-robin, instead of the URL's; `Host` and the TLS
+    # name stay the URL's. One that refuses a connection is skipped for a while.
+    endpoints: tuple[Endpoint, ...] = ()
     # https: only. Verification is always on: the system's CAs, or these.
     ca_file: str | None = None
     server_name: str | None = None  # the name sent (SNI) and verified, if not the URL's host
@@ -388,6 +402,7 @@ class RouteSettings(_Settings):
     token: tuple[SourceSettings, ...] | None = None
     session: tuple[SourceSettings, ...] | None = None
     forward_token: bool = False
+    upstream: str | None = None  # a name from `upstreams`; None: `upstream`
     error_format: Literal["standard", "bloomreach"] = "standard"
     cors: CorsSettings | None = None
 
@@ -433,6 +448,8 @@ class Settings(_Settings):
     trusted_proxies: tuple[Annotated[str, AfterValidator(_cidr)], ...] = ()
     tls: TlsSettings | None = None
     upstream: UpstreamSettings = UpstreamSettings()
+    # Further upstreams by name, for routes that name one.
+    upstreams: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], UpstreamSettings] = {}
     limits: LimitsSettings = LimitsSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     failure_counter: FailureCounterSettings = FailureCounterSettings()

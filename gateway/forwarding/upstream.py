@@ -39,6 +39,15 @@ def relay_failure_reason(exc: BaseException) -> Reason:
     return Reason.UPSTREAM_BROKEN if isinstance(exc, FAILURES) else Reason.INTERNAL
 
 
+def _endpoints(endpoints: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """HOST:PORT (validated) as a host and a port; `[v6]:port` without its brackets."""
+    parsed = []
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        parsed.append((host.strip("[]"), int(port)))
+    return tuple(parsed)
+
+
 class Upstream:
     """The pooled HTTP/1.1 client to the tracking API."""
 
@@ -47,8 +56,11 @@ class Upstream:
     BUFFER_BYTES = 1 << 20
 
     def __init__(
-        self, settings: UpstreamSettings, tls: ssl.SSLContext | None, outbox: Outbox
+        self, name: str, settings: UpstreamSettings, tls: ssl.SSLContext | None, outbox: Outbox
     ) -> None:
+        self.name = name
+        self.settings = settings
+        self.tls = tls
         url = URL(settings.url)
         self._prefix = url.raw_path.rstrip("/")  # validated: http(s)://host[:port][/prefix]
         assert url.host is not None
@@ -57,7 +69,9 @@ class Upstream:
         if url.explicit_port:
             host_header = f"{host_header}:{url.port}"
         self._pool = ConnectionPool(
-            Destination(url.host, url.port, tls, settings.server_name),
+            Destination(
+                url.host, url.port, tls, settings.server_name, _endpoints(settings.endpoints)
+            ),
             settings.max_connections,
             settings.connect_timeout_seconds,
             settings.timeout_seconds,

@@ -19,15 +19,19 @@ from gateway.http.upstream_connection import UpstreamConnection
 log = logging.getLogger("gateway.upstream")
 
 
+SKIP_SECONDS = 5.0  # an endpoint that refused a connection is not tried again for this long
+
+
 @dataclass(frozen=True, slots=True)
 class Destination:
-    """Where the pool connects: an address, and for HTTPS the TLS context and the name to send
-    (SNI) and verify."""
+    """Where the pool connects: an address (or `endpoints` to take turns among, each HOST and
+    PORT), and for HTTPS the TLS context and the name to send (SNI) and verify."""
 
     host: str
     port: int
     tls: ssl.SSLContext | None = None
     server_name: str | None = None
+    endpoints: tuple[tuple[str, int], ...] = ()
 
     def __str__(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
@@ -46,6 +50,9 @@ class ConnectionPool:
         outbox: Outbox,
     ):
         self._destination = destination
+        self._addresses = destination.endpoints or ((destination.host, destination.port),)
+        self._turn = 0  # the next address to connect to, round-robin
+        self._skipped_until = [0.0] * len(self._addresses)  # loop time, per address
         self._tls_logged = -math.inf  # when a TLS failure was last logged
         self._outbox = outbox
         self._max = max_connections
@@ -133,11 +140,38 @@ class ConnectionPool:
             raise UpstreamUnreachable from None
 
     async def _connect(self) -> UpstreamConnection:
+        """A new connection to the next address in turn. One that refuses is skipped for a
+        while and the next one tried, once: nothing was sent yet."""
+        first = self._next_address()
+        try:
+            return await self._connect_to(first)
+        except ConnectionRefusedError:
+            self._skipped_until[first] = asyncio.get_running_loop().time() + SKIP_SECONDS
+            second = self._next_address()
+            if second == first:
+                raise
+            return await self._connect_to(second)
+
+    def _next_address(self) -> int:
+        """The next address in turn that is not being skipped (if all are, the next anyway)."""
+        now = asyncio.get_running_loop().time()
+        count = len(self._addresses)
+        for step in range(count):
+            index = (self._turn + step) % count
+            if self._skipped_until[index] <= now:
+                break
+        else:
+            index = self._turn % count
+        self._turn = index + 1
+        return index
+
+    async def _connect_to(self, index: int) -> UpstreamConnection:
         where = self._destination
+        host, port = self._addresses[index]
         _, connection = await asyncio.get_running_loop().create_connection(
             lambda: UpstreamConnection(self._outbox),
-            where.host,
-            where.port,
+            host,
+            port,
             ssl=where.tls,
             server_hostname=(where.server_name or where.host) if where.tls else None,
         )

@@ -17,6 +17,7 @@ from gateway.auth.verify import TokenCache
 from gateway.base.clock import Clock, SystemClock
 from gateway.base.tasks import spawn
 from gateway.config.compiled import CompiledConfig, load_and_compile
+from gateway.config.routes import DEFAULT_UPSTREAM
 from gateway.config.settings import ConfigError, Problem, Settings
 from gateway.counters import FailureCounter
 from gateway.counters.memory import MemoryFailureCounter
@@ -62,6 +63,25 @@ def make_counter(config: CompiledConfig, clock: Clock, metrics: Metrics) -> Fail
     )
 
 
+def make_upstreams(
+    config: CompiledConfig, outbox: Outbox, keep: dict[str, Upstream] | None = None
+) -> dict[str, Upstream]:
+    """A pooled client for each upstream the config names. From `keep`, those whose settings
+    are unchanged and that are plain http:// (an https:// one is made afresh: its CA or client
+    certificate may have been rotated)."""
+    settings = config.settings
+    wanted = {DEFAULT_UPSTREAM: settings.upstream, **settings.upstreams}
+    upstreams = {}
+    for name, upstream_settings in wanted.items():
+        kept = (keep or {}).get(name)
+        if kept is not None and kept.settings == upstream_settings and not kept.tls:
+            upstreams[name] = kept
+        else:
+            tls = config.upstream_tls[name]
+            upstreams[name] = Upstream(name, upstream_settings, tls, outbox)
+    return upstreams
+
+
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
     ok: bool
@@ -91,7 +111,7 @@ class GatewayServer:
             config,
             clock=self.clock,
             counter=make_counter(config, self.clock, self.metrics),
-            upstream=Upstream(config.settings.upstream, config.upstream_tls, self.outbox),
+            upstreams=make_upstreams(config, self.outbox),
             access_log=access_log or AccessLog(enabled=enabled),
             metrics=self.metrics,
             jwks=self.jwks,
@@ -190,8 +210,8 @@ class GatewayServer:
             return ReloadResult(False, current.digest, tuple(problems))
         if candidate.token_cache is not current.token_cache:  # its size changed
             candidate.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
-        await self._swap_clients(current.settings, candidate)
-        self.pipeline.apply(candidate)
+        upstreams = self._swap_clients(current.settings, candidate)
+        self.pipeline.apply(candidate, upstreams)
         if self._public is not None:
             self._public.tls = candidate.listener_tls  # certificates read afresh: rotation
         logging.getLogger().setLevel(candidate.settings.log_level.upper())
@@ -199,22 +219,25 @@ class GatewayServer:
         log.info("config reloaded", extra={"fields": {"config_digest": candidate.digest}})
         return ReloadResult(True, candidate.digest, ())
 
-    async def _swap_clients(self, old: Settings, candidate: CompiledConfig) -> None:
-        """A new upstream pool or failure counter when their settings changed; the old ones
-        close once the requests that hold them can have finished."""
+    def _swap_clients(self, old: Settings, candidate: CompiledConfig) -> dict[str, Upstream]:
+        """The upstreams for `candidate` (new pools where their settings changed) and a new
+        failure counter if its settings did; the old ones close once the requests that hold
+        them can have finished."""
+        current = self.pipeline.serving.upstreams
+        upstreams = make_upstreams(candidate, self.outbox, current)
+        retired: list[Upstream | FailureCounter] = [
+            u for u in current.values() if u not in upstreams.values()
+        ]
         new = candidate.settings
-        retired: list[Upstream | FailureCounter] = []
-        if new.upstream != old.upstream:
-            upstream = Upstream(new.upstream, candidate.upstream_tls, self.outbox)
-            retired.append(self.pipeline.upstream)
-            self.pipeline.upstream = upstream
         counter_settings = new.failure_counter.model_copy(update={"threshold": 0})
         if counter_settings != old.failure_counter.model_copy(update={"threshold": 0}):
             retired.append(self.pipeline.counter)
             self.pipeline.counter = make_counter(candidate, self.clock, self.metrics)
         if retired:
             self._retired.extend(retired)
-            spawn(self._close_retired(retired, delay=old.upstream.timeout_seconds + 1))
+            longest = max(u.timeout_seconds for u in (old.upstream, *old.upstreams.values()))
+            spawn(self._close_retired(retired, delay=longest + 1))
+        return upstreams
 
     async def _close_retired(
         self, clients: list[Upstream | FailureCounter], *, delay: float = 0
@@ -248,7 +271,8 @@ class GatewayServer:
             await self._admin.cleanup()
             self._admin = None
         await self._close_retired(list(self._retired))
-        await self.pipeline.upstream.close()
+        for upstream in self.pipeline.serving.upstreams.values():
+            await upstream.close()
         await self.pipeline.counter.close()
         await self.pipeline.access_log.close()
         await self.jwks.close()

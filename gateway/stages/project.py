@@ -13,9 +13,9 @@ def project_id(route: Route, params: dict[str, str], parts: RequestParts) -> str
         return source.id
     if isinstance(source, ProjectFromHeader):
         values = parts.headers.get(source.name)
+        if values and len(values) > 1:
+            raise Rejected(Reason.PROJECT_HEADER_DUPLICATE)
         if not values or not values[0].strip():
             raise Rejected(Reason.PROJECT_HEADER_MISSING)
-        if len(values) > 1:
-            raise Rejected(Reason.PROJECT_HEADER_DUPLICATE)
         return values[0].strip()
     return params[source.group]

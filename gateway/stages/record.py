@@ -22,8 +22,8 @@ def observe(
         failure = exchange.decision_reason
         code = failure.code.name if failure else ""
         bound.decision(project_label, exchange.mode, exchange.decision, code).inc()
-    if reason is not None and reason.upstream_error is not None:
-        metrics.upstream_error[reason].inc()
+    if reason is not None and reason.upstream_error is not None and route is not None:
+        metrics.upstream_error_for(route.upstream, reason).inc()
 
 
 def _loggable_path(raw: str, exchange: Exchange) -> str | None:
@@ -58,6 +58,7 @@ def access_entry(
         "reason": reason.phrase if reason else None,
         # whole microseconds in milliseconds: round(x, 3) costs five times as much
         "duration_ms": int((time.perf_counter() - started) * 1e6) / 1000,
+        "upstream": route.upstream if route else None,
         "upstream_status": exchange.upstream_status,
         "client": exchange.client or remote,
         "token_sha256": exchange.token_fingerprint,

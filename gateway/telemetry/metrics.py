@@ -110,8 +110,9 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total",
-            "Requests the tracking API could not answer, by kind.",
-            ["kind"],
+            "Requests the tracking API could not answer, by upstream (`default` for `upstream`, "
+            "else its name in `upstreams`) and kind.",
+            ["upstream", "kind"],
             registry=r,
         )
         self.session_limited = Counter(
@@ -192,11 +193,7 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
-        self.upstream_error = {
-            reason: self.tally(self.upstream_errors.labels(reason.upstream_error))
-            for reason in Reason
-            if reason.upstream_error is not None
-        }
+        self.upstream_error: dict[tuple[str, Reason], Tally] = {}
         self.connections_refused_by = {
             reason: self.tally(self.connections_refused.labels(reason))
             for reason in ("limit", "accept_error", "tls_handshake")
@@ -213,6 +210,15 @@ class Metrics:
 
     def connection_refused(self, reason: str) -> None:
         self.connections_refused_by[reason].inc()
+
+    def upstream_error_for(self, upstream: str, reason: Reason) -> Tally:
+        key = (upstream, reason)
+        tally = self.upstream_error.get(key)
+        if tally is None:
+            assert reason.upstream_error is not None
+            child = self.upstream_errors.labels(upstream, reason.upstream_error)
+            tally = self.upstream_error[key] = self.tally(child)
+        return tally
 
     def tally(self, child: Counter) -> Tally:
         recorder = self._recorders.get(id(child))
