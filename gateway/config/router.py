@@ -127,14 +127,6 @@ class Router(Generic[RouteT]):
             raise MethodNotAllowed(", ".join(sorted(allowed)))
         raise Rejected(Reason.ROUTE_NOT_FOUND)
 
-    def first_for_path(self, path: str) -> tuple[RouteT, dict[str, str]] | None:
-        """The route a CORS preflight (any method) for this path is about."""
-        for entry in self._entries:
-            found = entry.pattern.fullmatch(path)
-            if found is not None:
-                return entry.route, found.groupdict()
-        return None
-
 
 class MethodNotAllowed(Rejected):
     __slots__ = ("allow",)

@@ -193,9 +193,12 @@ def _added_lines(
 
 def response_headers(head: Head, owned: list[tuple[str, str]]) -> list[bytes]:
     """The upstream's end-to-end header lines, with the gateway's `owned` headers in place of
-    any the upstream sent under those names, and a `Date` if it sent none."""
+    any the upstream sent under those names (but `Vary`, whose values are joined: a cache must
+    still tell apart what the upstream varies on), and a `Date` if it sent none."""
     replaced = [name.lower().encode() for name, _ in owned]
     if any(name in head.names for name in replaced):
+        if b"vary" in replaced and b"vary" in head.names:
+            owned = _joined_vary(head, owned)
         out = [line for line in head.lines if line.partition(b":")[0].lower() not in replaced]
     else:
         out = list(head.lines)
@@ -203,3 +206,15 @@ def response_headers(head: Head, owned: list[tuple[str, str]]) -> list[bytes]:
     if b"date" not in head.names:
         out.append(date_line())
     return out
+
+
+def _joined_vary(head: Head, owned: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    theirs = [
+        line.partition(b":")[2].strip().decode("latin-1")
+        for line in head.lines
+        if line.partition(b":")[0].lower() == b"vary"
+    ]
+    return [
+        (name, ", ".join([*theirs, value]) if name.lower() == "vary" else value)
+        for name, value in owned
+    ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from gateway.base.memo import BoundedMemo
 from gateway.http.errors import UpstreamBroken
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -35,7 +36,7 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-@dataclass(slots=True, eq=False)  # one per answer: a frozen dataclass's __init__ costs twice
+@dataclass(frozen=True, slots=True, eq=False)  # shared by every answer with the same head
 class Head:
     """A final answer's head. `lines` are its end-to-end fields ("Name: value" as received):
     hop-by-hop and framing fields, and those its `Connection` names, are left out."""
@@ -57,14 +58,18 @@ class ResponseReader:
     """Feeds a connection's bytes to llhttp, one exchange at a time (`begin`), and keeps what
     they said: the final answer's `head`, the `pieces` of its body not yet taken, whether it
     has `ended` and the connection may carry another (`keep_alive`). Interim (1xx) answers are
-    read past."""
+    read past.
+
+    llhttp validates the head; its fields are then read from the head's own bytes, once per
+    distinct head (an upstream sends the same few again and again), rather than through a
+    Python callback per field."""
 
     def __init__(self) -> None:
         self._parser = httptools.HttpResponseParser(self)
-        self._fields: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
         self._head_request = False
-        self._interim = False
+        self._interims = 0  # interim answers read past in this exchange
+        self._earlier: list[bytes] = []  # segments of this exchange before the one being fed
+        self._current = b""  # the segment being fed
         self.head: Head | None = None
         self.pieces: deque[bytes] = deque()
         self.held = 0  # bytes in `pieces`
@@ -77,6 +82,8 @@ class ResponseReader:
             # llhttp still waits for the body the answer to HEAD declared: a parser afresh.
             self._parser = httptools.HttpResponseParser(self)
         self._head_request = method == "HEAD"
+        self._interims = 0
+        self._earlier = []
         self.head = None
         self.ended = self.keep_alive = False
 
@@ -102,6 +109,7 @@ class ResponseReader:
     def feed(self, data: bytes) -> None:
         """Raises `UpstreamBroken` for anything but one well-formed answer (and bytes after
         it: nothing was asked for them)."""
+        self._current = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -111,42 +119,36 @@ class ResponseReader:
             if isinstance(cause, UpstreamBroken):
                 raise cause from None
             raise UpstreamBroken(str(exc)) from None
+        if self.head is None:  # the head goes on in the next segment
+            self._earlier.append(data)
+            if sum(map(len, self._earlier)) > MAX_HEAD_BYTES * (self._interims + 1):
+                raise UpstreamBroken("head too large")
 
     # --- llhttp callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         if self.ended:
             raise UpstreamBroken("bytes after the answer")
-        self._fields = []
-        self._head_bytes = 0
-
-    def on_status(self, status: bytes) -> None:
-        self._head_bytes += len(status)  # checked with the first field, or at the head's end
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value)
-        fields = self._fields
-        if self._head_bytes > MAX_HEAD_BYTES or len(fields) >= MAX_FIELDS:
-            raise UpstreamBroken("head too large")
-        fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise UpstreamBroken("head too large")
         if parser.get_http_version() not in ("1.1", "1.0"):
             raise UpstreamBroken("HTTP version")
         status = parser.get_status_code()
         if not 100 <= status <= 999:
             raise UpstreamBroken("status code")
         if status < 200:
-            self._interim = True  # 100 Continue, 103 Early Hints: read past (101 never gets here)
+            self._interims += 1  # 100 Continue, 103 Early Hints (101 never gets here)
             return
-        self.head = _head(status, self._fields, self._head_request)
+        raw = self._raw_head()
         if self._head_request:
+            self.head = _head(status, _fields(raw), head_request=True)
             # llhttp cannot be told that an answer to HEAD has no body: it ends here, and
             # whatever llhttp would read as its body is a byte after the answer.
             self.ended, self.keep_alive = True, parser.should_keep_alive()
+            return
+        head = _heads.get(raw)
+        self.head = head if head is not None else _heads.keep(raw, _head(status, _fields(raw)))
 
     def on_body(self, body: bytes) -> None:
         if self.ended:
@@ -156,13 +158,39 @@ class ResponseReader:
             self.held += len(body)
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-        elif not self.ended:
+        if self.head is not None and not self.ended:
             self.ended, self.keep_alive = True, self._parser.should_keep_alive()
 
+    def _raw_head(self) -> bytes:
+        """The final answer's head as it came, past any interim answers (heads alone)."""
+        received = b"".join((*self._earlier, self._current)) if self._earlier else self._current
+        end = -4
+        for _ in range(self._interims + 1):
+            end = received.find(b"\r\n\r\n", end + 4)
+        start = received.rfind(b"\r\n\r\n", 0, end) + 4 if self._interims else 0
+        if end - start > MAX_HEAD_BYTES:
+            raise UpstreamBroken("head too large")
+        return received[start : end + 4]
 
-def _head(status: int, fields: list[tuple[bytes, bytes]], head_request: bool) -> Head:
+
+def _fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """The field lines of a head llhttp accepted (a token, a colon, a value without CR, LF or
+    other control bytes): each name and its value without the whitespace around it."""
+    lines = raw[:-4].split(b"\r\n")[1:]
+    if len(lines) > MAX_FIELDS:
+        raise UpstreamBroken("too many header fields")
+    fields = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        fields.append((name, value.strip(b" \t")))
+    return fields
+
+
+# Heads seen, by their bytes: only `Date` changes, once a second.
+_heads: BoundedMemo[bytes, Head] = BoundedMemo(512)
+
+
+def _head(status: int, fields: list[tuple[bytes, bytes]], head_request: bool = False) -> Head:
     length: int | None = None
     chunked = False
     connection: list[bytes] = []

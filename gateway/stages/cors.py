@@ -7,17 +7,22 @@ from gateway.auth.target import Target
 from gateway.config.router import Router
 from gateway.config.routes import Route
 from gateway.http.messages import Request, Response, date_line, header_lines
+from gateway.refusals.reasons import Rejected
 
 
 def preflight(request: Request, router: Router[Route], target: Target) -> Response | None:
-    """The 204 for a preflight from a listed origin; None for anything else that uses
-    OPTIONS, which is routed like any other method."""
-    found = router.first_for_path(target.path)
+    """The 204 for a preflight from a listed origin, about the route the asked method would
+    reach; None for anything else that uses OPTIONS, which is routed like any other method."""
     origin = request.header("origin")
-    if found is None or found[0].cors is None or origin is None:
+    asked = request.header("access-control-request-method")
+    if origin is None or not asked:
         return None
-    cors = found[0].cors
-    if origin not in cors.origins or not request.header_values("access-control-request-method"):
+    try:
+        route, _ = router.match(asked.strip(), target.path)
+    except Rejected:  # no route for that method: the browser is told nothing
+        return None
+    cors = route.cors
+    if cors is None or origin not in cors.origins:
         return None
     headers = header_lines(cors.preflight_headers(origin).items())
     headers.append(date_line())

@@ -4,11 +4,15 @@ are what every answer to a listed origin carries, so a page can read the gateway
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gateway.auth.target import parse_target
+from gateway.base.clock import ManualClock
 from gateway.config.compiled import CompiledConfig
 from gateway.http.messages import Response
 from gateway.stages.cors import cors_headers, preflight
-from tests.stages.support import EVENTS, ORIGIN, make_request
+from tests.conftest import KeyPair
+from tests.stages.support import CONFIG, EVENTS, ORIGIN, compile_yaml, make_request
 
 ASKS_POST = ("Access-Control-Request-Method", "POST")
 
@@ -101,3 +105,25 @@ def test_a_route_without_cors_adds_nothing_even_for_a_listed_origin(
     route, _ = config.router.match("GET", "/v2/sdkconfig")
     request = make_request("GET", "/v2/sdkconfig", [("Origin", ORIGIN)])
     assert cors_headers(route, request) is None
+
+
+def test_a_preflight_is_about_the_route_the_asked_method_reaches(
+    tmp_path: Path, clock: ManualClock, key_a: KeyPair
+) -> None:
+    """A GET route without `cors` first on the same path must not hide the POST route that
+    lists the origin: the preflight asks about POST."""
+    text = CONFIG.replace(
+        "routes:\n",
+        "routes:\n"
+        "  - name: events-readback\n"
+        "    methods: [GET]\n"
+        "    path: /track/v2/projects/{project}/customers/events\n"
+        "    auth: [none]\n",
+        1,
+    )
+    config = compile_yaml(tmp_path, text, clock, {"a.pem": key_a})
+    answered = ask(config, EVENTS, ("Origin", ORIGIN), ASKS_POST)
+    assert answered is not None
+    assert answered.status == 204
+    asks_get = ("Access-Control-Request-Method", "GET")
+    assert ask(config, EVENTS, ("Origin", ORIGIN), asks_get) is None  # that route lists none

@@ -362,6 +362,15 @@ async def test_a_listed_origin_gets_our_cors_headers_in_place_of_the_upstreams(
     assert named(response.headers, b"Vary") == [b"Origin"]
 
 
+async def test_the_upstreams_vary_is_joined_with_ours_not_replaced(config: CompiledConfig) -> None:
+    """A cache must still tell apart what the upstream varies on (its encodings, say)."""
+    ready = await prepared(config, json_post(EVENTS, b"{}", [("Origin", ORIGIN)]))
+    ready.exchange.cors_headers = {"Access-Control-Allow-Origin": ORIGIN, "Vary": "Origin"}
+    raw = b"HTTP/1.1 200 OK\r\nVary: Accept-Encoding\r\nContent-Length: 0\r\n\r\n"
+    response = relayed(answer(raw), ready.exchange, ready.checked, NOW, 5)
+    assert named(response.headers, b"Vary") == [b"Accept-Encoding, Origin"]
+
+
 async def test_a_token_expiring_within_the_warning_window_is_announced(
     config: CompiledConfig, tokens: Tokens
 ) -> None:
