@@ -437,6 +437,20 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+Commands = argparse._SubParsersAction  # the subparsers of a parser, to add commands to
+
+
+def _command(
+    owner: Commands[argparse.ArgumentParser], name: str, help: str
+) -> argparse.ArgumentParser:
+    return owner.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        formatter_class=_HelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description=DESCRIPTION, formatter_class=_HelpFormatter
@@ -444,18 +458,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version, help="print the version and exit")
     # The metavar keeps the internal `worker` command (see main) out of usage lines.
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(
-        name: str, help: str, owner: argparse._SubParsersAction[argparse.ArgumentParser] = commands
-    ) -> argparse.ArgumentParser:
-        return owner.add_parser(
-            name,
-            help=help,
-            description=help[0].upper() + help[1:] + ".",
-            formatter_class=_HelpFormatter,
+    _add_serving_commands(commands)
+    _add_keygen(
+        _command(commands, "keygen", "write a key pair for a customer backend to sign tokens with")
+    )
+    token = _command(commands, "token", "mint or inspect SDK tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    _add_mint(_command(token_commands, "mint", "print a signed JWT in the contract's shape"))
+    _add_inspect(
+        _command(
+            token_commands,
+            "inspect",
+            "print a token's header and claims, and the gateway's verdict",
         )
+    )
+    _add_demo(
+        _command(
+            commands, "demo", "sample tracking API + gateway on generated keys, with curl commands"
+        )
+    )
+    _sample_upstream_arguments(
+        _command(commands, "sample-upstream", "run the bundled sample tracking API")
+    )
+    return parser
 
-    run = command("run", "serve with a config until SIGTERM/SIGINT")
+
+def _add_serving_commands(commands: Commands[argparse.ArgumentParser]) -> None:
+    run = _command(commands, "run", "serve with a config until SIGTERM/SIGINT")
     run.add_argument("-c", "--config", help=CONFIG_HELP)
     run.add_argument(
         "--workers",
@@ -463,17 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes, or auto for one per CPU (default: the config's workers)",
     )
     run.set_defaults(func=cmd_run)
-
-    check = command("check-config", "validate a config and summarise it")
+    check = _command(commands, "check-config", "validate a config and summarise it")
     check.add_argument("-c", "--config", help=CONFIG_HELP)
     check.set_defaults(func=cmd_check_config)
-
-    schema = command(
-        "config-schema", "print the JSON Schema of the config file, for editors and CI"
+    schema = _command(
+        commands, "config-schema", "print the JSON Schema of the config file, for editors and CI"
     )
     schema.set_defaults(func=cmd_config_schema)
 
-    keygen = command("keygen", "write a key pair for a customer backend to sign tokens with")
+
+def _add_keygen(keygen: argparse.ArgumentParser) -> None:
     keygen.add_argument(
         "--type", choices=["rsa", "ec", "ed25519"], default="rsa", help="the kind of key"
     )
@@ -489,9 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.set_defaults(func=cmd_keygen)
 
-    token = command("token", "mint or inspect SDK tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    mint = command("mint", "print a signed JWT in the contract's shape", token_commands)
+
+def _add_mint(mint: argparse.ArgumentParser) -> None:
     key = mint.add_mutually_exclusive_group(required=True)
     key.add_argument(
         "--private-key",
@@ -528,9 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     mint.add_argument("--aud", help="the audience claim (default: none)")
     mint.add_argument("--iss", help="the issuer claim (default: none)")
     mint.set_defaults(func=cmd_token_mint)
-    inspect = command(
-        "inspect", "print a token's header and claims, and the gateway's verdict", token_commands
-    )
+
+
+def _add_inspect(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("token", help="the token, or - to read it from stdin")
     inspect.add_argument(
         "-c", "--config", help="judge with this config (default: $GATEWAY_CONFIG, else no verdict)"
@@ -544,14 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--at", type=float, help="judge as of this epoch time (default: now)")
     inspect.set_defaults(func=cmd_token_inspect)
 
-    demo = command("demo", "sample tracking API + gateway on generated keys, with curl commands")
+
+def _add_demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="the gateway's address")
     demo.add_argument("--admin-listen", default="127.0.0.1:9090", help="the admin address")
     demo.add_argument("--upstream-port", type=int, default=8000, help="the sample API's port")
     demo.set_defaults(func=cmd_demo)
-
-    _sample_upstream_arguments(command("sample-upstream", "run the bundled sample tracking API"))
-    return parser
 
 
 def _sample_upstream_arguments(sample: argparse.ArgumentParser) -> None:
