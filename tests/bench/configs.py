@@ -45,16 +45,20 @@ http {{
 """
 
 
-def haproxy_cfg(port: int, upstream_port: int, public_key: Path) -> str:
+def haproxy_cfg(
+    port: int, upstream_port: int, public_key: Path, tls_pem: Path | None = None
+) -> str:
     """HAProxy's own JWT check, as close to the gateway's `required` decision as it gets:
 
     Bearer token present, alg RS256, signature (jwt_verify), exp in the future, sub.key = uid,
     and sub.value equal to the body's customer_ids.registered. Anything else: 401.
     """
+    tls = f" ssl crt {tls_pem} alpn http/1.1" if tls_pem is not None else ""
     return f"""\
 global
     nbthread 1
     maxconn 4096
+    ssl-default-bind-options ssl-min-ver TLSv1.2
 
 defaults
     mode http
@@ -65,7 +69,7 @@ defaults
     http-reuse always
 
 frontend bench
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port}{tls}
     option http-buffer-request
     http-request set-var(txn.token) http_auth_bearer
     http-request deny deny_status 401 unless {{ var(txn.token) -m found }}
@@ -98,12 +102,13 @@ def gateway_config(
     mode: str,
     redis_port: int | None = None,
     workers: int = 1,
+    tls: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """The gateway's settings (gateway/config/settings.py `Settings`): one project, one route."""
     counter: dict[str, Any] = {"backend": "memory"}
     if redis_port is not None:
         counter = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
-    return {
+    config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
@@ -129,6 +134,9 @@ def gateway_config(
             }
         ],
     }
+    if tls is not None:
+        config["tls"] = {"cert_file": str(tls[0]), "key_file": str(tls[1])}
+    return config
 
 
 def write_yaml(path: Path, settings: dict[str, Any]) -> Path:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -210,8 +211,13 @@ def http_request(
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
     timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Answer:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection = (
+        http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    )
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()

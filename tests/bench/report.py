@@ -14,6 +14,16 @@ from tests.bench.wrkrun import RunResult
 
 BASELINE_UPSTREAM = "upstream"
 BASELINE_HAPROXY = "haproxy-jwt"
+BASELINE_HAPROXY_TLS = "haproxy-tls"  # what the TLS targets are compared with
+
+
+def haproxy_for(key: str) -> str:
+    """The HAProxy target a gateway target is compared with: the same transport and traffic."""
+    if key.endswith("-tls-handshakes"):
+        return "haproxy-tls-handshakes"
+    return BASELINE_HAPROXY_TLS if key.endswith("-tls") else BASELINE_HAPROXY
+
+
 ONE_PROCESS = "gateway-required"  # what the workers target is compared with
 WORKERS = "gateway-workers"
 
@@ -97,8 +107,8 @@ def _cells(row: Row, rows: dict[str, Row]) -> list[str]:
         f"{median.cpu_percent:.0f}",
         f"{kernel:.0f}" if kernel is not None else "n/a",
         f"{load:.0f}" if load is not None else "n/a",
-        ratio(row, rows.get(BASELINE_HAPROXY)),
-        ratio_range(row, rows.get(BASELINE_HAPROXY)),
+        ratio(row, rows.get(haproxy_for(row.key))),
+        ratio_range(row, rows.get(haproxy_for(row.key))),
         ratio(row, rows.get(BASELINE_UPSTREAM)),
     ]
 
@@ -226,8 +236,10 @@ def as_json(rows: Sequence[Row], context: dict[str, Any]) -> dict[str, Any]:
                 "problems": row.problems,
                 "median": median.as_json() if median else None,
                 "non_2xx_total": row.non_2xx,
-                "ratio_to_haproxy_jwt": _float_ratio(row, by_key.get(BASELINE_HAPROXY)),
-                "ratios_to_haproxy_jwt_per_round": round_ratios(row, by_key.get(BASELINE_HAPROXY)),
+                "ratio_to_haproxy_jwt": _float_ratio(row, by_key.get(haproxy_for(row.key))),
+                "ratios_to_haproxy_jwt_per_round": round_ratios(
+                    row, by_key.get(haproxy_for(row.key))
+                ),
                 "ratio_to_upstream": _float_ratio(row, by_key.get(BASELINE_UPSTREAM)),
                 "cores": row.cores,
                 "ratio_to_one_process": _float_ratio(row, by_key.get(ONE_PROCESS))

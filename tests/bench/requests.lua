@@ -5,6 +5,8 @@
 --   BENCH_FIRST    0-based index of the first line this run may use
 --   BENCH_COUNT    how many lines from there; thread i takes every THREADS-th line from i
 --   BENCH_THREADS  the wrk thread count (-t)
+--   BENCH_CLOSE    1: every request asks `Connection: close` (a new connection, and for HTTPS a
+--                  new handshake, per request)
 -- When a thread has sent all of its lines it starts again from its first one and counts a
 -- wrap: for the fresh-token target that means tokens were reused, and the run is invalid.
 --
@@ -37,6 +39,9 @@ local function load_requests(path, first, count, stride, offset)
          end
          if session ~= "" then
             headers["X-Session-Id"] = session
+         end
+         if os.getenv("BENCH_CLOSE") == "1" then
+            headers["Connection"] = "close"
          end
          table.insert(prepared, wrk.format("POST", nil, headers, body))
       end

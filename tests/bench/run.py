@@ -13,6 +13,11 @@ Targets, measured in interleaved rounds (every target once per round, the median
     gateway-redis       `required` with the Redis failure counter, traffic as gateway-required
     gateway-workers     as gateway-required with `workers: N`, one per core but the load's
                         (on a 2-core machine: 2 workers on both cores, sharing the load's)
+    haproxy-tls         haproxy-jwt terminating HTTPS itself (TLS 1.2+, a P-256 certificate)
+    gateway-tls         gateway-required terminating HTTPS itself (`tls`), compared with
+                        haproxy-tls; both over keep-alive connections
+    *-tls-handshakes    the two above with `Connection: close` on every request: a TLS
+                        handshake per request (handshakes per second)
 
 Environment: BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (1, 0 = none),
 BENCH_CONNECTIONS (50), BENCH_THREADS (wrk threads, 1), BENCH_TARGETS (comma-separated keys,
@@ -69,6 +74,10 @@ TARGETS = {
     "gateway-anonymous": "gateway: required, anonymous",
     "gateway-redis": "gateway: required, Redis counter",
     "gateway-workers": "gateway: required, workers: N",
+    "haproxy-tls": "HAProxy jwt_verify RS256, HTTPS",
+    "gateway-tls": "gateway: required, 1000 users, HTTPS",
+    "haproxy-tls-handshakes": "HAProxy jwt_verify RS256, HTTPS, a new connection per request",
+    "gateway-tls-handshakes": "gateway: required, HTTPS, a new connection per request",
 }
 ENV_NAMES = (
     "BENCH_SECONDS",
@@ -152,6 +161,7 @@ class Material:
     anonymous: Requests
     fresh: dataset.FreshPool
     smoke: Smoke
+    tls: stack.BenchTls
 
 
 def make_keys(gateway: tuple[str, ...], directory: Path) -> tuple[Path, Path]:
@@ -183,6 +193,7 @@ def prepare(workdir: Path, tools: Tools) -> Material:
         anonymous=Requests(anonymous_path, 0, anonymous),
         fresh=dataset.FreshPool(workdir / "fresh.tsv", private_path.read_bytes(), now),
         smoke=Smoke(token, body, refused),
+        tls=stack.BenchTls.generate(workdir),
     )
 
 
@@ -213,10 +224,18 @@ def start_targets(
             (port,) = ports.take()
             service = stack.start_nginx(sup, tools.nginx, "nginx-bare", port, pinning.proxy)
             started.append(Target(key, label, port, service, reused, reused))
-        elif key == "haproxy-jwt":
+        elif key.startswith("haproxy-"):
             (port,) = ports.take()
+            tls = material.tls if "-tls" in key else None
             outcome = stack.start_haproxy(
-                sup, tools.haproxy, port, upstream_port, material.public_key, pinning.proxy, smoke
+                sup,
+                tools.haproxy,
+                port,
+                upstream_port,
+                material.public_key,
+                pinning.proxy,
+                smoke,
+                tls,
             )
             if isinstance(outcome, str):
                 progress(f"SKIPPING {key}: {outcome}")
@@ -225,7 +244,10 @@ def start_targets(
                 version = stack.haproxy_version(tools.haproxy or "")
                 if version is not None:
                     label = f"HAProxy {version[0]}.{version[1]} jwt_verify RS256"
-                started.append(Target(key, label, port, outcome, reused, reused))
+                    label += TARGETS[key].removeprefix("HAProxy jwt_verify RS256")
+                scheme = "https" if tls else "http"
+                sent = with_close(reused) if key.endswith("-handshakes") else reused
+                started.append(Target(key, label, port, outcome, sent, sent, scheme=scheme))
         else:
             started.append(
                 start_gateway_target(sup, tools, pinning, material, key, upstream_port, ports)
@@ -252,6 +274,7 @@ def start_gateway_target(
         (redis_port,) = ports.take()
         stack.start_redis(sup, tools.redis, redis_port, pinning.load)
     mode = "disabled" if key == "gateway-disabled" else "required"
+    tls = material.tls if "-tls" in key else None
     workers, cores, prefix = 1, 1, pinning.proxy
     if key == "gateway-workers":
         workers, cores, prefix = pinning.worker_cores, pinning.worker_cores, pinning.workers
@@ -266,6 +289,7 @@ def start_gateway_target(
             mode=mode,
             redis_port=redis_port,
             workers=workers,
+            tls=(tls.cert, tls.key) if tls is not None else None,
         )
 
     port, admin_port = ports.take(2)
@@ -273,8 +297,10 @@ def start_gateway_target(
     smoke = material.smoke
     if mode == "disabled":
         smoke = Smoke(smoke.token, smoke.body)  # disabled forwards any token
-    stack.require_smoke(label, port, smoke)
+    stack.require_smoke(label, port, smoke, tls.client if tls is not None else None)
     requests = material.anonymous if key == "gateway-anonymous" else material.reused
+    if key.endswith("-handshakes"):
+        requests = with_close(requests)
     fresh = material.fresh if key == "gateway-fresh" else None
     return Target(
         key,
@@ -286,7 +312,12 @@ def start_gateway_target(
         fresh,
         cores=cores,
         shares_load_core=key == "gateway-workers" and pinning.workers_share_load_core,
+        scheme="https" if tls is not None else "http",
     )
+
+
+def with_close(requests: Requests) -> Requests:
+    return Requests(requests.path, requests.first, requests.count, close=True)
 
 
 def workers_label(workers: int, shared: bool) -> str:

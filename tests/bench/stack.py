@@ -7,14 +7,22 @@ refuses a token for another user with 401.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import re
 import shlex
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from tests.bench import configs
 from tests.bench.dataset import PATH, FreshPool
@@ -45,6 +53,49 @@ class Tools:
 
 
 @dataclass(frozen=True, slots=True)
+class BenchTls:
+    """A self-signed certificate for 127.0.0.1: the proxies under test serve it, the smoke
+    checks trust it (wrk does not verify)."""
+
+    cert: Path
+    key: Path
+    combined: Path  # certificate and key in one file, as HAProxy's `crt` takes them
+    client: ssl.SSLContext
+
+    @classmethod
+    def generate(cls, directory: Path) -> BenchTls:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        cert, private, combined = (directory / n for n in ("tls.crt", "tls.key", "tls.pem"))
+        cert.write_bytes(cert_pem)
+        private.write_bytes(key_pem)
+        combined.write_bytes(cert_pem + key_pem)
+        client = ssl.create_default_context(cafile=cert)
+        return cls(cert, private, combined, client)
+
+
+@dataclass(frozen=True, slots=True)
 class Smoke:
     """A request the target must accept, and (where it enforces tokens) tokens it must refuse
     with 401 on the same body: (what is wrong with it, token)."""
@@ -65,10 +116,11 @@ class Target:
     fresh: FreshPool | None = None
     cores: int = 1  # the cores it may use (workers: N on several)
     shares_load_core: bool = False  # one of them is also wrk's and the upstream's
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{PATH}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{PATH}"
 
     def cpu_pids(self) -> list[int]:
         return self.service.cpu_pids()
@@ -111,28 +163,30 @@ def haproxy_version(haproxy: str) -> tuple[int, int] | None:
 # --- smoke checks ------------------------------------------------------------------------------
 
 
-def post_event(port: int, token: str, body: str) -> tuple[int, str]:
+def post_event(
+    port: int, token: str, body: str, tls: ssl.SSLContext | None = None
+) -> tuple[int, str]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    answer = http_request(port, "POST", PATH, headers, body.encode())
+    answer = http_request(port, "POST", PATH, headers, body.encode(), tls=tls)
     return answer.status, answer.body[:300].decode(errors="replace")
 
 
-def smoke_problem(port: int, smoke: Smoke) -> str | None:
+def smoke_problem(port: int, smoke: Smoke, tls: ssl.SSLContext | None = None) -> str | None:
     """Why the target is not fit to measure, or None."""
-    status, text = post_event(port, smoke.token, smoke.body)
+    status, text = post_event(port, smoke.token, smoke.body, tls)
     if not 200 <= status < 300:
         return f"a valid request was answered {status}: {text}"
     for what, token in smoke.refused:
-        status, text = post_event(port, token, smoke.body)
+        status, text = post_event(port, token, smoke.body, tls)
         if status != 401:
             return f"a token with {what} was answered {status}, not 401: {text}"
     return None
 
 
-def require_smoke(label: str, port: int, smoke: Smoke) -> None:
-    problem = smoke_problem(port, smoke)
+def require_smoke(label: str, port: int, smoke: Smoke, tls: ssl.SSLContext | None = None) -> None:
+    problem = smoke_problem(port, smoke, tls)
     if problem is not None:
         raise BenchError(f"{label}: smoke check failed: {problem}")
 
@@ -180,6 +234,7 @@ def start_haproxy(
     public_key: Path,
     prefix: Sequence[str],
     smoke: Smoke,
+    tls: BenchTls | None = None,
 ) -> Service | str:
     """The running HAProxy, or why its target is skipped."""
     if haproxy is None:
@@ -188,16 +243,17 @@ def start_haproxy(
     if version is None or version < HAPROXY_MINIMUM:
         wanted = ".".join(map(str, HAPROXY_MINIMUM))
         return f"haproxy {version} is too old: jwt_verify needs {wanted} or later"
-    cfg = sup.workdir / "haproxy.cfg"
-    cfg.write_text(configs.haproxy_cfg(port, upstream_port, public_key))
+    cfg = sup.workdir / f"haproxy-{port}.cfg"
+    pem = tls.combined if tls is not None else None
+    cfg.write_text(configs.haproxy_cfg(port, upstream_port, public_key, pem))
     check = subprocess.run(
         [haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30, check=False
     )
     if check.returncode != 0:
         return f"haproxy rejects the generated config: {(check.stdout + check.stderr).strip()}"
-    service = sup.start("haproxy", [*prefix, haproxy, "-db", "-f", str(cfg)])
+    service = sup.start(f"haproxy-{port}", [*prefix, haproxy, "-db", "-f", str(cfg)])
     wait_until(service, f"haproxy accepting on port {port}", accepts_tcp(port))
-    problem = smoke_problem(port, smoke)
+    problem = smoke_problem(port, smoke, tls.client if tls is not None else None)
     return service if problem is None else f"haproxy smoke check failed: {problem}"
 
 

@@ -38,6 +38,7 @@ class Requests:
     path: Path
     first: int
     count: int
+    close: bool = False  # `Connection: close` on every request: a new connection for each
 
 
 @dataclass
@@ -127,6 +128,7 @@ def run_wrk(
         "BENCH_FIRST": str(requests.first),
         "BENCH_COUNT": str(requests.count),
         "BENCH_THREADS": str(load.threads),
+        "BENCH_CLOSE": "1" if requests.close else "0",
     }
     pids = list(cpu_pids())
     user_before, system_before = cpu_seconds(pids)
@@ -147,6 +149,7 @@ def run_wrk(
         [
             f"BENCH_DATA={requests.path} BENCH_FIRST={requests.first}",
             f"BENCH_COUNT={requests.count} BENCH_THREADS={load.threads}",
+            f"BENCH_CLOSE={1 if requests.close else 0}",
             shlex.join(argv),
         ]
     )
