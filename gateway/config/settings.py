@@ -444,6 +444,9 @@ def _cidr(value: str) -> str:
 class Settings(_Settings):
     listen: ListenAddress = "0.0.0.0:8080"
     admin_listen: ListenAddress = "127.0.0.1:9090"
+    # When set, POST /-/reload and GET /-/config on the admin listener need
+    # `Authorization: Bearer <admin_token>`; probes and /metrics stay open.
+    admin_token: Annotated[str, Field(min_length=16)] | None = None
     workers: Annotated[int | Literal["auto"], BeforeValidator(_workers)] = 1
     trusted_proxies: tuple[Annotated[str, AfterValidator(_cidr)], ...] = ()
     tls: TlsSettings | None = None
@@ -467,7 +470,7 @@ class Settings(_Settings):
 # --- loading -----------------------------------------------------------------------------------
 
 # Values at these places may be credentials; problems about them never echo the value.
-_SECRET_FIELDS = ("pem", "secret", "api_keys", "redis_url")
+SECRET_FIELDS = ("pem", "secret", "api_keys", "redis_url", "admin_token")
 
 _MESSAGES = {
     "extra_forbidden": "unknown key",
@@ -493,7 +496,7 @@ def _describe(error: Mapping[str, Any]) -> Problem:
     message = _MESSAGES.get(error["type"], str(error["msg"]))
     message = message.removeprefix("Value error, ")
     quiet = error["type"] in ("missing", "extra_forbidden")  # an unknown key may be a secret
-    if quiet or any(str(p) in _SECRET_FIELDS for p in loc):
+    if quiet or any(str(p) in SECRET_FIELDS for p in loc):
         return Problem(path, message)
     bad = error.get("input")
     if isinstance(bad, dict | list | tuple):

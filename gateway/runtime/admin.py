@@ -1,7 +1,11 @@
-"""The admin listener: health, readiness and reload; never on the public port."""
+"""The admin listener: health, readiness, metrics, reload and the running config; never on the
+public port. With `admin_token` set, reload and the config need it; probes and metrics stay
+open for load balancers and scrapers."""
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -9,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config.compiled import CompiledConfig
 from gateway.config.settings import Problem
+from gateway.config.view import redacted
 from gateway.telemetry.metrics import Metrics
 
 
@@ -42,6 +47,36 @@ class Served(Protocol):
 
 
 SERVER_KEY: web.AppKey[Served] = web.AppKey("server")
+AdminHandler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def authorised(request: web.Request, token: str | None) -> bool:
+    """No token configured, or `Authorization: Bearer <token>` (compared in constant time)."""
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
+
+
+def guarded(handler: AdminHandler, token: Callable[[], str | None]) -> AdminHandler:
+    """`handler` behind the admin token of the config running when the request comes."""
+
+    async def checked(request: web.Request) -> web.Response:
+        if not authorised(request, token()):
+            return web.json_response(
+                {"status": "unauthorized"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+            )
+        return await handler(request)
+
+    return checked
+
+
+def config_answer(config: CompiledConfig) -> web.Response:
+    return web.json_response({"config_digest": config.digest, "config": redacted(config.settings)})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -80,11 +115,20 @@ async def reload(request: web.Request) -> web.Response:
     )
 
 
+async def running_config(request: web.Request) -> web.Response:
+    return config_answer(request.app[SERVER_KEY].config)
+
+
 def make_admin_app(server: Served) -> web.Application:
     app = web.Application()
     app[SERVER_KEY] = server
+
+    def token() -> str | None:
+        return server.config.settings.admin_token
+
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_post("/-/reload", reload)
+    app.router.add_post("/-/reload", guarded(reload, token))
+    app.router.add_get("/-/config", guarded(running_config, token))
     return app
