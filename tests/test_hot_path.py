@@ -33,7 +33,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
-from gateway.auth.verify import _b64decode
+from gateway.auth.verify import TokenCache, VerifiedToken, _b64decode
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
 from gateway.refusals.reasons import Reason, Rejected
@@ -715,3 +715,22 @@ def test_a_segment_is_accepted_exactly_when_it_is_the_canonical_encoding(length:
             with pytest.raises(Rejected) as refused:
                 _b64decode(segment)
             assert refused.value.reason is Reason.TOKEN_MALFORMED
+
+
+# === the verified-token cache ===================================================================
+
+
+def test_the_token_cache_evicts_the_least_recently_used_entry() -> None:
+    """A heavy user's token, used again and again, stays cached while more one-off tokens than
+    the cache holds come and go; an entry nobody used since is what goes."""
+    cache = TokenCache(3)
+    heavy = (b"gen", b"heavy")
+    token = VerifiedToken(user="alice", exp=0.0, kid="k")
+    cache.put(heavy, token)
+    for n in range(10):
+        assert cache.get(heavy) is token
+        cache.put((b"gen", b"one-off-%d" % n), token)
+        assert len(cache) <= 3
+    assert cache.get(heavy) is token
+    assert cache.get((b"gen", b"one-off-0")) is None  # long since evicted
+    assert cache.get((b"gen", b"one-off-9")) is token

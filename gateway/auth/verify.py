@@ -77,7 +77,8 @@ def token_digest(token: str) -> bytes:
 
 
 class TokenCache:
-    """Verified tokens by (verifier generation, SHA-256 of the token); bounded, oldest out first.
+    """Verified tokens by (verifier generation, SHA-256 of the token); bounded, the least
+    recently used out first: a heavy user's token stays while one-off users come and go.
 
     Keying by a digest keeps an entry ~200 bytes whatever the token's size. A verifier is
     rebuilt whenever its keys or policy change, so removing a key invalidates its tokens at once.
@@ -85,8 +86,8 @@ class TokenCache:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        # OrderedDict: evicting the oldest stays O(1) when full, where a dict's front fills
-        # with deleted slots that every `next(iter())` walks again.
+        # OrderedDict: a hit moves its entry to the end and evicting the front stays O(1) when
+        # full, where a dict's front fills with deleted slots that `next(iter())` walks again.
         self._entries: OrderedDict[tuple[bytes, bytes], VerifiedToken] = OrderedDict()
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
@@ -97,7 +98,11 @@ class TokenCache:
 
     def get(self, key: tuple[bytes, bytes]) -> VerifiedToken | None:
         found = self._entries.get(key)
-        (self._on_miss if found is None else self._on_hit)()
+        if found is None:
+            self._on_miss()
+        else:
+            self._entries.move_to_end(key)
+            self._on_hit()
         return found
 
     def put(self, key: tuple[bytes, bytes], token: VerifiedToken) -> None:
