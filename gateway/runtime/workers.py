@@ -37,7 +37,7 @@ from gateway.base.tasks import spawn
 from gateway.config.compiled import CompiledConfig
 from gateway.config.settings import ConfigError
 from gateway.http.sockets import LISTEN_FD_ENV, bind, inherited_listener
-from gateway.runtime.admin import config_answer, guarded
+from gateway.runtime.admin import AdminHandler, config_answer, guarded
 from gateway.runtime.process import GatewayServer, load_config
 
 log = logging.getLogger("gateway.workers")
@@ -210,19 +210,25 @@ def _admin_app(supervisor: Supervisor, session: aiohttp.ClientSession) -> web.Ap
             body["problems"] = problems
         return web.json_response(body, status=status)
 
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    _add_guarded(app, supervisor, reload)
+    return app
+
+
+def _add_guarded(app: web.Application, supervisor: Supervisor, reload: AdminHandler) -> None:
+    """Reload and the running config, behind the running config's `admin_token`."""
+
     async def running_config(request: web.Request) -> web.Response:
         return config_answer(supervisor.config)
 
     def token() -> str | None:
         return supervisor.config.settings.admin_token
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
     app.router.add_post("/-/reload", guarded(reload, token))
     app.router.add_get("/-/config", guarded(running_config, token))
-    return app
 
 
 async def supervise(path: Path, count: int) -> int:
