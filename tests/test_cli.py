@@ -1079,3 +1079,25 @@ def test_token_mint_takes_exactly_one_key(workdir: Path, key_a: KeyPair) -> None
     neither = run_cli("token", "mint", "--user", "a", cwd=workdir)
     assert neither.returncode == 2
     assert "one of the arguments --private-key --secret --secret-file is required" in neither.stderr
+
+
+def test_help_and_token_mint_load_neither_the_config_schema_nor_the_server(tmp_path: Path) -> None:
+    """Each command imports what it uses when it runs: `--help` and `token mint` stay quick."""
+    script = (
+        "import contextlib, io, sys\n"
+        "from gateway.tools.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "main(['keygen', '--out-dir', sys.argv[1], '--name', 'k'])\n"
+        "main(['token', 'mint', '--private-key', sys.argv[1] + '/k.private.pem', '--user', 'u'])\n"
+        "heavy = ('gateway.config', 'gateway.runtime', 'gateway.pipeline', 'pydantic', 'aiohttp')\n"
+        "print([m for m in sys.modules if m.startswith(heavy)])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
