@@ -515,6 +515,7 @@ def test_kustomization_lists_every_manifest() -> None:
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "NetworkPolicy",
         "ServiceMonitor",
     }
 
@@ -576,6 +577,22 @@ def embedded_config(objects: dict[str, dict[str, Any]]) -> str:
     return text
 
 
+def test_the_network_policy_opens_the_admin_port_only_to_the_monitoring_namespace() -> None:
+    objects = manifests()
+    policy = objects["NetworkPolicy"]["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], pod_labels(objects))
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule for rule in policy["ingress"]}
+    assert set(rules) == {("http",), ("admin",)}
+    assert "from" not in rules["http",]  # SDK traffic: whatever reaches the Service
+    (source,) = rules["admin",]["from"]
+    assert source == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert {p["name"] for p in container["ports"]} == {"http", "admin"}  # the names it opens
+
+
 def test_kubernetes_objects_agree_with_each_other_and_the_config() -> None:
     objects = manifests()
     deployment, service = objects["Deployment"], objects["Service"]
@@ -616,10 +633,11 @@ def test_kubernetes_objects_agree_with_each_other_and_the_config() -> None:
     settings = parse_settings(
         yaml.safe_load(embedded_config(objects)),
         Path("/etc/gateway/x"),
-        {"REDIS_URL": "redis://redis:6379/0"},
+        {"REDIS_URL": "redis://redis:6379/0", "ADMIN_TOKEN": "a-token-of-sixteen-or-more"},
     ).settings
     assert ports == {"http": port_of(settings.listen), "admin": port_of(settings.admin_listen)}
     assert settings.admin_listen.startswith("0.0.0.0:")  # probes and Prometheus reach it
+    assert settings.admin_token == "a-token-of-sixteen-or-more"  # reload and /-/config guarded
     assert settings.workers == 1
 
     # SIGTERM: readiness notices the drain within the drain delay; the kubelet waits out the
