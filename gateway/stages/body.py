@@ -24,13 +24,16 @@ async def read_body(request: Request, limits: LimitsSettings) -> bytes:
     if declared is not None and declared > limits.max_body_bytes:
         raise Rejected(Reason.BODY_TOO_LARGE)  # before `100 Continue`: nothing is sent
     try:
-        return await request.body(limits.body_timeout_seconds)
+        body = await request.body(limits.body_timeout_seconds)
     except BodyTooLarge:
         raise Rejected(Reason.BODY_TOO_LARGE) from None
     except BodyTimeout:
         raise Rejected(Reason.BODY_TIMEOUT) from None
     except BodyBroken:  # bad framing, or the client went away mid-body
         raise Rejected(Reason.HTTP_MALFORMED) from None
+    if len(body) > limits.max_body_bytes:  # whatever limit the connection read it with
+        raise Rejected(Reason.BODY_TOO_LARGE)
+    return body
 
 
 async def read_json(

@@ -70,6 +70,16 @@ def test_a_whole_body_past_the_configured_limit_is_not_at_hand(config: CompiledC
 # --- read_body ---------------------------------------------------------------------------------
 
 
+async def test_a_body_past_the_configured_limit_is_refused_whatever_the_connection_allowed(
+    config: CompiledConfig,
+) -> None:
+    """Chunked (no declared length) and read under a larger connection limit: the stage's own
+    limit still holds."""
+    limit = config.settings.limits.max_body_bytes
+    request = make_request("POST", EVENTS, [], b"x" * (limit + 1), body_limit=limit * 2)
+    assert await refused_reason(request, config) is Reason.BODY_TOO_LARGE
+
+
 async def test_a_declared_length_past_the_limit_is_refused_before_any_100_continue(
     config: CompiledConfig,
 ) -> None:
