@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import Token
 from dataclasses import dataclass
 from functools import partial
 
 from gateway.auth.extract import RequestParts, collect_headers
 from gateway.auth.jwks import JwksRefresher
+from gateway.base import traced
 from gateway.base.clock import Clock
+from gateway.base.traced import SpanOpener
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
 from gateway.config.router import MethodNotAllowed
@@ -39,6 +42,7 @@ from gateway.stages.session import client_of, count_failure, session_of
 from gateway.stages.target import read_target
 from gateway.telemetry.logs import AccessLog
 from gateway.telemetry.metrics import BoundMetrics, Metrics
+from gateway.telemetry.tracing import Tracing, end_server_span
 
 log = logging.getLogger("gateway.server")
 
@@ -69,8 +73,10 @@ class Pipeline:
         access_log: AccessLog,
         metrics: Metrics,
         jwks: JwksRefresher,
+        tracing: Tracing | None = None,
     ) -> None:
         self.jwks = jwks
+        self.tracing = tracing
         self.clock = clock
         self.counter = counter
         self.access_log = access_log
@@ -116,6 +122,7 @@ class Pipeline:
         serving = self.serving
         bound = serving.bound
         self.metrics.requests_in_flight += 1
+        traced_by = None if self.tracing is None else _trace(self.tracing, request, exchange)
         try:
             response = await self.run(request, serving, exchange)
         except Rejected as refused:
@@ -126,6 +133,9 @@ class Pipeline:
         except BaseException:
             self.metrics.requests_in_flight -= 1
             raise
+        finally:
+            if traced_by is not None:
+                traced.current.reset(traced_by)
         if response.stream is None:
             self._answered(request, bound, exchange, response.status, started)
         else:  # recorded once the rest has been relayed, or has broken
@@ -288,8 +298,22 @@ class Pipeline:
         started: float,
     ) -> None:
         observe(bound, self.metrics, exchange, status, started)
+        if exchange.span is not None:
+            end_server_span(exchange.span, exchange, status)
         if self.access_log.enabled:
             entry = access_entry(
                 method, raw_path, remote, exchange, status, started, self.clock.now()
             )
             self.access_log.write(entry)
+
+
+def _trace(
+    tracing: Tracing, request: Request, exchange: Exchange
+) -> Token[SpanOpener | None] | None:
+    """The request's server span, if it is traced; the spans of the work inside it are its
+    children until `Pipeline.handle` resets what this returns."""
+    span = tracing.start(request.header("traceparent"), request.header("tracestate"))
+    if span is None:
+        return None
+    exchange.span = span
+    return traced.current.set(tracing.opener(span))

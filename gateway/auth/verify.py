@@ -18,6 +18,7 @@ from typing import Any
 from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.keys import KeySet, VerificationKey
+from gateway.base import traced
 from gateway.base.clock import Clock
 from gateway.base.hashing import sha256
 from gateway.base.memo import BoundedMemo
@@ -161,7 +162,15 @@ class TokenVerifier:
             if self._clock.now() < cached.exp + self.policy.leeway:
                 return cached
             self._cache.discard(cache_key)
-        verified = self._verify_uncached(token)
+        opener = traced.current.get()
+        if opener is None:
+            verified = self._verify_uncached(token)
+        else:
+            span = opener("gateway.verify_token")
+            try:
+                verified = self._verify_uncached(token)
+            finally:
+                span.end()
         self._cache.put(cache_key, verified)
         return verified
 

@@ -262,6 +262,15 @@ class AccessLogSettings(_Settings):
     enabled: bool = True
 
 
+class TracingSettings(_Settings):
+    """OpenTelemetry spans, exported over OTLP/HTTP in batches off the request path."""
+
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]  # e.g. .../v1/traces
+    service_name: Annotated[str, Field(min_length=1)] = "ingestion-gateway"
+    # For requests that arrive without a sampled `traceparent`; one that has one is traced.
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
 class SubjectSettings(_Settings):
     claim: Annotated[str, Field(min_length=1)] = "sub"
     format: Literal["key_value", "string", "id_map"] = "key_value"
@@ -458,6 +467,7 @@ class Settings(_Settings):
     failure_counter: FailureCounterSettings = FailureCounterSettings()
     verified_token_cache: VerifiedTokenCacheSettings = VerifiedTokenCacheSettings()
     access_log: AccessLogSettings = AccessLogSettings()
+    tracing: TracingSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"  # the operational log
     defaults: ProjectSettings = ProjectSettings()
     projects: dict[str, ProjectSettings] = {}

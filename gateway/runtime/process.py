@@ -30,11 +30,12 @@ from gateway.pipeline import Pipeline
 from gateway.runtime.admin import make_admin_app
 from gateway.telemetry.logs import AccessLog
 from gateway.telemetry.metrics import FLUSH_SECONDS, Metrics
+from gateway.telemetry.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
 # Changing these needs a restart: they own sockets, processes or the counter's state.
-RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter.backend")
+RESTART_ONLY = ("listen", "admin_listen", "workers", "failure_counter.backend", "tracing")
 
 
 def _setting(settings: Settings, dotted: str) -> object:
@@ -107,6 +108,8 @@ class GatewayServer:
         config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
         enabled = config.settings.access_log.enabled
         self.jwks = JwksRefresher(self._jwks_fetched)
+        tracing = config.settings.tracing
+        self.tracing = Tracing(tracing) if tracing is not None else None
         self.pipeline = Pipeline(
             config,
             clock=self.clock,
@@ -115,6 +118,7 @@ class GatewayServer:
             access_log=access_log or AccessLog(enabled=enabled),
             metrics=self.metrics,
             jwks=self.jwks,
+            tracing=self.tracing,
         )
         self.draining = False
         self._retired: list[Upstream | FailureCounter] = []  # replaced by a reload, closing soon
@@ -276,6 +280,8 @@ class GatewayServer:
         await self.pipeline.counter.close()
         await self.pipeline.access_log.close()
         await self.jwks.close()
+        if self.tracing is not None:  # what is still waiting goes out, within its timeout
+            await asyncio.to_thread(self.tracing.shutdown)
         if self._flusher is not None:
             self._flusher.cancel()
         self.metrics.flush()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from opentelemetry.trace import Span
+
 from gateway.config.projects import Project
 from gateway.config.routes import Route
 from gateway.http.messages import Request, new_request_id
@@ -38,3 +40,4 @@ class Exchange:
     token_fingerprint: str | None = None  # 12 hex digits of the token's SHA-256, for the log
     parsed: bool = True  # False: the HTTP parser refused it; method and path are unknown
     authenticating: bool = False  # past route and size checks: a refusal is an auth decision
+    span: Span | None = None  # the server span, when the request is traced

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.auth.target import Target
+from gateway.base import traced
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
 from gateway.forwarding.headers import (
@@ -73,14 +74,36 @@ def outgoing(
 
 
 async def exchange_with(upstream: Upstream, sent: Outgoing, timings: Timings) -> Answer:
-    """The upstream's answer; 502/504 when it cannot be had."""
+    """The upstream's answer; 502/504 when it cannot be had. In a traced request, a child
+    span for the exchange, which the upstream's `traceparent` names."""
+    opener = traced.current.get()
+    span = None if opener is None else opener("gateway.upstream")
+    if span is not None:
+        sent.header_lines = with_traceparent(sent.header_lines, span.traceparent)
     started = time.perf_counter()
     try:
-        return await upstream.send(sent.method, sent.path, sent.query, sent.header_lines, sent.body)
+        answer = await upstream.send(
+            sent.method, sent.path, sent.query, sent.header_lines, sent.body
+        )
+        if span is not None:
+            span.note("http.response.status_code", answer.status)
     except FAILURES as exc:
-        raise Rejected(failure_reason(exc)) from None
+        reason = failure_reason(exc)
+        if span is not None:
+            span.note("gateway.reason", reason.phrase)
+        raise Rejected(reason) from None
     finally:
         timings.observe(time.perf_counter() - started)
+        if span is not None:
+            span.end()
+    return answer
+
+
+def with_traceparent(lines: list[bytes], traceparent: str) -> list[bytes]:
+    """The header lines with `traceparent` in place of the client's."""
+    kept = [line for line in lines if line.partition(b":")[0].strip().lower() != b"traceparent"]
+    kept.append(b"traceparent: " + traceparent.encode())
+    return kept
 
 
 def relayed(
