@@ -312,7 +312,8 @@ def _trace(
 ) -> Token[SpanOpener | None] | None:
     """The request's server span, if it is traced; the spans of the work inside it are its
     children until `Pipeline.handle` resets what this returns."""
-    span = tracing.start(request.header("traceparent"), request.header("tracestate"))
+    traceparent = request.header("traceparent")
+    span = tracing.start(traceparent, traceparent and request.header("tracestate"))
     if span is None:
         return None
     exchange.span = span

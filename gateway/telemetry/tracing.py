@@ -44,10 +44,12 @@ class Tracing:
 
     def start(self, traceparent: str | None, tracestate: str | None) -> Span | None:
         """The request's server span, or None when the request is not traced."""
-        carrier = {"traceparent": traceparent or "", "tracestate": tracestate or ""}
-        parent = self._propagator.extract(carrier) if traceparent else None
         if not _sampled(traceparent) and random.random() >= self._ratio:  # noqa: S311
             return None
+        parent = None
+        if traceparent is not None:
+            carrier = {"traceparent": traceparent, "tracestate": tracestate or ""}
+            parent = self._propagator.extract(carrier)
         return self._tracer.start_span("gateway.request", context=parent, kind=SpanKind.SERVER)
 
     def opener(self, parent: Span) -> SpanOpener:

@@ -103,6 +103,7 @@ def gateway_config(
     redis_port: int | None = None,
     workers: int = 1,
     tls: tuple[Path, Path] | None = None,
+    traces_to: str | None = None,
 ) -> dict[str, Any]:
     """The gateway's settings (gateway/config/settings.py `Settings`): one project, one route."""
     counter: dict[str, Any] = {"backend": "memory"}
@@ -136,6 +137,8 @@ def gateway_config(
     }
     if tls is not None:
         config["tls"] = {"cert_file": str(tls[0]), "key_file": str(tls[1])}
+    if traces_to is not None:
+        config["tracing"] = {"otlp_endpoint": traces_to, "sample_ratio": 0.01}
     return config
 
 

@@ -13,6 +13,8 @@ Targets, measured in interleaved rounds (every target once per round, the median
     gateway-redis       `required` with the Redis failure counter, traffic as gateway-required
     gateway-workers     as gateway-required with `workers: N`, one per core but the load's
                         (on a 2-core machine: 2 workers on both cores, sharing the load's)
+    gateway-traced      gateway-required with tracing on at `sample_ratio: 0.01`, exporting to
+                        the upstream nginx (which answers 200, as a collector would)
     haproxy-tls         haproxy-jwt terminating HTTPS itself (TLS 1.2+, a P-256 certificate)
     gateway-tls         gateway-required terminating HTTPS itself (`tls`), compared with
                         haproxy-tls; both over keep-alive connections
@@ -74,6 +76,7 @@ TARGETS = {
     "gateway-anonymous": "gateway: required, anonymous",
     "gateway-redis": "gateway: required, Redis counter",
     "gateway-workers": "gateway: required, workers: N",
+    "gateway-traced": "gateway: required, 1000 users, tracing 1%",
     "haproxy-tls": "HAProxy jwt_verify RS256, HTTPS",
     "gateway-tls": "gateway: required, 1000 users, HTTPS",
     "haproxy-tls-handshakes": "HAProxy jwt_verify RS256, HTTPS, a new connection per request",
@@ -275,6 +278,8 @@ def start_gateway_target(
         stack.start_redis(sup, tools.redis, redis_port, pinning.load)
     mode = "disabled" if key == "gateway-disabled" else "required"
     tls = material.tls if "-tls" in key else None
+    # nginx answers the exporter's POSTs 200, as a collector would.
+    traces_to = f"http://127.0.0.1:{upstream_port}/v1/traces" if key == "gateway-traced" else None
     workers, cores, prefix = 1, 1, pinning.proxy
     if key == "gateway-workers":
         workers, cores, prefix = pinning.worker_cores, pinning.worker_cores, pinning.workers
@@ -290,6 +295,7 @@ def start_gateway_target(
             redis_port=redis_port,
             workers=workers,
             tls=(tls.cert, tls.key) if tls is not None else None,
+            traces_to=traces_to,
         )
 
     port, admin_port = ports.take(2)
