@@ -47,7 +47,6 @@ from gateway.telemetry.tracing import Tracing, end_server_span
 log = logging.getLogger("gateway.server")
 
 JWKS_URL_KID = "_jwks_url"  # the key label of every key fetched from a JWKS URL
-UPSTREAM_FAILURES = [reason for reason in Reason if reason.upstream_error is not None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +97,7 @@ class Pipeline:
             self.counter.backend,
         )
         self.serving = Serving(config, bound, upstreams)
-        for name in upstreams:  # every series there from the start, at zero
-            for reason in UPSTREAM_FAILURES:
-                self.metrics.upstream_error_for(name, reason)
+        self.metrics.count_upstream_errors(upstreams)
         settings = config.settings.limits
         self.limits = ConnectionLimits(
             max_field_bytes=max(8190, settings.max_token_bytes + 1024),
@@ -132,6 +129,8 @@ class Pipeline:
             response = refusal(refused.reason, exchange, allow=allow)
         except BaseException:
             self.metrics.requests_in_flight -= 1
+            if exchange.span is not None:
+                exchange.span.end()
             raise
         finally:
             if traced_by is not None:
@@ -203,7 +202,7 @@ class Pipeline:
         sent = outgoing(request, target, exchange, checked, status, config)
         upstream = serving.upstreams[route.upstream]
         answer = await exchange_with(upstream, sent, bound.upstream_duration[route.name])
-        timeout = config.settings.upstream.timeout_seconds
+        timeout = upstream.settings.timeout_seconds  # the route's upstream's, for its stream
         return relayed(answer, exchange, checked, self.clock.now(), timeout)
 
     async def _with_fresh_keys(

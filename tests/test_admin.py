@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config.view import fingerprint
 from tests.conftest import (
@@ -26,11 +26,16 @@ TOKEN = "admin-token-0123456789abcdef"
 API_KEY = "sdk-api-key-not-to-be-shown-1"
 HMAC_SECRET = "an-hmac-secret-that-is-long-enough-for-hs256!"
 REDIS_PASSWORD = "redis-password-not-to-be-shown"
+INLINE_PEM = KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048)).public_pem
 
 
 def with_secrets(config: dict[str, Any]) -> None:
     config["admin_token"] = TOKEN
     config["projects"]["keyed"] = {"mode": "disabled", "api_keys": [API_KEY]}
+    config["projects"]["inline"] = {
+        "mode": "required",
+        "keys": [{"id": "inline-1", "pem": INLINE_PEM}],
+    }
     config["projects"]["hs"] = {
         "mode": "required",
         "algorithms": ["HS256"],
@@ -70,14 +75,16 @@ async def test_the_running_config_shows_fingerprints_never_secrets(
     gateway = await make_gateway(with_secrets)
     status, text = await status_of(http, "GET", gateway.admin_url + "/-/config", TOKEN)
     assert status == 200
-    for secret in (TOKEN, API_KEY, HMAC_SECRET, REDIS_PASSWORD):
+    for secret in (TOKEN, API_KEY, HMAC_SECRET, REDIS_PASSWORD, INLINE_PEM.strip()):
         assert secret not in text
+    assert "BEGIN PUBLIC KEY" not in text
     shown = json.loads(text)
     assert shown["config_digest"] == gateway.server.config.digest
     config = shown["config"]
     assert config["admin_token"] == fingerprint(TOKEN)
     assert config["projects"]["keyed"]["api_keys"] == [fingerprint(API_KEY)]
     assert config["projects"]["hs"]["keys"][0]["secret"] == fingerprint(HMAC_SECRET)
+    assert config["projects"]["inline"]["keys"][0]["pem"] == fingerprint(INLINE_PEM)
     assert fingerprint(REDIS_PASSWORD) in config["failure_counter"]["redis_url"]
     assert config["upstream"]["url"] == gateway.server.config.settings.upstream.url
 
@@ -108,4 +115,6 @@ async def test_the_workers_supervisor_guards_its_admin_listener_too(
         assert API_KEY not in text
         assert (await status_of(http, "POST", admin + "/-/reload", TOKEN))[0] == 200
         assert (await status_of(http, "GET", admin + "/healthz"))[0] == 200
-    assert yaml.safe_load(path.read_text())["admin_token"] == TOKEN
+        assert (await status_of(http, "GET", admin + "/-/config", "wrong-token-0123456789"))[
+            0
+        ] == 401

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -192,12 +193,16 @@ async def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(
 # --- streamed answers that a client stops reading ----------------------------------------------
 
 
+@pytest.mark.parametrize("upstream_of_routes", ["default", "named"])
 async def test_streams_a_client_stopped_reading_give_back_their_upstream_connections(
-    make_gateway: GatewayFactory, serve_app: Callable[[Handler], Awaitable[str]]
+    make_gateway: GatewayFactory,
+    serve_app: Callable[[Handler], Awaitable[str]],
+    upstream_of_routes: str,
 ) -> None:
     """Two clients take streamed answers and stop reading while the pool holds two upstream
     connections: an ordinary request must not wait for them, and the stalled streams are cut
-    once the upstream's `timeout_seconds` has passed."""
+    once the upstream's `timeout_seconds` has passed (the routes' own upstream's, when they
+    name one: the default's 30 s would not cut them in time)."""
     size = 16 * MIB
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -213,14 +218,18 @@ async def test_streams_a_client_stopped_reading_give_back_their_upstream_connect
         return response
 
     url = await serve_app(handler)
-    gateway = await make_gateway(
-        upstream={
-            "url": url,
-            "timeout_seconds": 2,
-            "connect_timeout_seconds": 0.5,
-            "max_connections": 2,
-        }
-    )
+    pool = {"url": url, "timeout_seconds": 2, "connect_timeout_seconds": 0.5, "max_connections": 2}
+    if upstream_of_routes == "default":
+        gateway = await make_gateway(upstream=pool)
+    else:
+
+        def name_it(config: dict[str, Any]) -> None:
+            for route in config["routes"]:
+                route["upstream"] = "stream"
+
+        gateway = await make_gateway(
+            name_it, upstream={"url": url, "timeout_seconds": 30}, upstreams={"stream": pool}
+        )
     stalled = [await stalled_client(gateway.port, BIG_GET) for _ in range(2)]
     try:
         loop = asyncio.get_running_loop()

@@ -44,17 +44,13 @@ class HeadRefused(Exception):
     """A request head llhttp read but HTTP/1.1 does not allow (RFC 9112 §3.2, §2.3): answered
     in its turn, then the connection closes."""
 
-    version_unsupported = False
-
 
 class HostInvalid(HeadRefused):
     """No `Host` on an HTTP/1.1 request, or more than one: which host is meant has two answers."""
 
 
 class VersionUnsupported(HeadRefused):
-    """A version other than HTTP/1.0 and 1.1 (HTTP/0.9, HTTP/2.0 spoken as text)."""
-
-    version_unsupported = True
+    """A version other than HTTP/1.0 and 1.1, such as HTTP/2.0 spoken as text: 505."""
 
 
 class ObsoleteVersion(HeadRefused):

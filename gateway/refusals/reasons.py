@@ -40,7 +40,7 @@ class Code(Enum):
     METHOD_NOT_ALLOWED = ErrorSpec(405, "This route does not accept this method.")
     PAYLOAD_TOO_LARGE = ErrorSpec(413, "The request body is too large.")
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "The request body's type or encoding is not supported.")
-    AUTH_FAILURE_LIMIT = ErrorSpec(429, "Too many authentication failures in this session.")
+    AUTH_FAILURE_LIMIT = ErrorSpec(429, "Too many consecutive authentication failures.")
     INTERNAL_ERROR = ErrorSpec(500, "The gateway failed to handle this request.")
     UPSTREAM_UNAVAILABLE = ErrorSpec(
         502, "The tracking API could not be reached; retry later.", retry_after_seconds=1

@@ -211,6 +211,13 @@ class Metrics:
     def connection_refused(self, reason: str) -> None:
         self.connections_refused_by[reason].inc()
 
+    def count_upstream_errors(self, upstreams: Iterable[str]) -> None:
+        """Every upstream's error series, there from the start at zero."""
+        for name in upstreams:
+            for reason in Reason:
+                if reason.upstream_error is not None:
+                    self.upstream_error_for(name, reason)
+
     def upstream_error_for(self, upstream: str, reason: Reason) -> Tally:
         key = (upstream, reason)
         tally = self.upstream_error.get(key)
