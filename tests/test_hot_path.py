@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import gzip
 import json
 import math
@@ -33,7 +34,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
-from gateway.auth.verify import TokenCache, VerifiedToken, _b64decode
+from gateway.auth.verify import TokenCache, VerifiedToken, _b64decode, cache_key, token_digest
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
 from gateway.refusals.reasons import Reason, Rejected
@@ -720,17 +721,63 @@ def test_a_segment_is_accepted_exactly_when_it_is_the_canonical_encoding(length:
 # === the verified-token cache ===================================================================
 
 
-def test_the_token_cache_evicts_the_least_recently_used_entry() -> None:
-    """A heavy user's token, used again and again, stays cached while more one-off tokens than
-    the cache holds come and go; an entry nobody used since is what goes."""
-    cache = TokenCache(3)
-    heavy = (b"gen", b"heavy")
-    token = VerifiedToken(user="alice", exp=0.0, kid="k")
-    cache.put(heavy, token)
-    for n in range(10):
-        assert cache.get(heavy) is token
-        cache.put((b"gen", b"one-off-%d" % n), token)
-        assert len(cache) <= 3
-    assert cache.get(heavy) is token
-    assert cache.get((b"gen", b"one-off-0")) is None  # long since evicted
-    assert cache.get((b"gen", b"one-off-9")) is token
+def verified(user: str) -> VerifiedToken:
+    return VerifiedToken(user=user, exp=0.0, kid="k")
+
+
+def live_entries() -> int:
+    gc.collect()
+    return sum(isinstance(o, VerifiedToken) for o in gc.get_objects())
+
+
+def test_a_token_used_again_and_again_stays_while_one_off_tokens_come_and_go() -> None:
+    """The heavy user's token is used once per 100 new tokens; 50,000 one-off users pass
+    through a cache of 1,000 and it is still there. What nobody used since is gone."""
+    cache = TokenCache(1000)
+    heavy = verified("heavy")
+    cache.put(0, heavy)
+    for n in range(1, 50_001):
+        cache.put(n, verified(f"one-off-{n}"))
+        if n % 100 == 0:
+            assert cache.get(0) is heavy, n
+        assert len(cache) <= 1000
+    assert cache.get(1) is None  # long since dropped
+    found = cache.get(50_000)
+    assert found is not None
+    assert found.user == "one-off-50000"
+
+
+def test_the_cache_holds_between_half_its_bound_and_its_bound_and_frees_what_it_drops() -> None:
+    """Counting live objects, not the cache's own count: a dropped generation is freed over
+    the following insertions, and never more than the bound is held at once."""
+    before = live_entries()
+    cache = TokenCache(200)
+    for n in range(2_000):
+        cache.put(n, verified(f"u{n}"))
+        assert 100 <= len(cache) <= 200 or n < 100
+        if n % 50 == 0:
+            assert live_entries() - before <= 200, n
+    # The last 100 are cached whatever the phase; the first 1,800 are not.
+    assert all(cache.get(n) is not None for n in range(1_900, 2_000))
+    assert all(cache.get(n) is None for n in range(1_800))
+
+
+def test_a_cache_of_size_zero_keeps_nothing() -> None:
+    cache = TokenCache(0)
+    cache.put(1, verified("alice"))
+    assert cache.get(1) is None
+    assert len(cache) == 0
+
+
+def test_one_token_has_a_key_per_verifier() -> None:
+    digest = token_digest("a.b.c")
+    assert cache_key(digest, 1) != cache_key(digest, 2)
+    assert cache_key(digest, 1) == cache_key(token_digest("a.b.c"), 1)
+    assert cache_key(token_digest("a.b.d"), 1) != cache_key(digest, 1)
+
+
+def test_tokens_with_one_expiry_share_one_float() -> None:
+    cache = TokenCache(10)
+    first, second = cache.expiry(float(2_000_000_000)), cache.expiry(float(2_000_000_000))
+    assert first == second == 2e9
+    assert first is second

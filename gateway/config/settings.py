@@ -255,7 +255,7 @@ class FailureCounterSettings(_Settings):
 
 
 class VerifiedTokenCacheSettings(_Settings):
-    max_entries: Annotated[int, Field(ge=0)] = 100_000
+    max_entries: Annotated[int, Field(ge=0)] = 500_000
 
 
 class AccessLogSettings(_Settings):

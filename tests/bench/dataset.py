@@ -8,12 +8,14 @@ fresh-token pool, in parallel processes: one RSA-2048 signature costs about 0.2 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
+import random
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -191,3 +193,97 @@ class FreshPool:
     def take(self, used: int) -> None:
         """Mark the first `used` unused tokens as spent."""
         self.used = min(self.size, self.used + used)
+
+
+# --- a million users ---------------------------------------------------------------------------
+
+MILLION = 1_000_000
+ZIPF_EXPONENT = 1.0
+ZIPF_SEED = 20261205
+
+
+def zipf_user(rank: int) -> str:
+    return f"zipf-{rank:07d}"
+
+
+def _sign_users(users: list[str], now: int) -> list[str]:
+    assert _worker_key is not None
+    return [sign_token(_worker_key, user, now) for user in users]
+
+
+@dataclass
+class ZipfSequence:
+    """Requests of `users` distinct users whose request rates follow Zipf's law: the user of
+    rank r sends in proportion to 1 / r**exponent (with 1.0 and a million users, the first
+    user sends 7% of the requests, the first 1,000 users 52%, the first 100,000 84%).
+
+    Each user has one token, minted when the user is first drawn and sent with each of the
+    user's requests, as an SDK reuses its token. The sequence is drawn from a fixed seed and
+    appended to one file as runs need it; each target reads it from its own `ZipfCursor`.
+    """
+
+    path: Path
+    private_key_pem: bytes
+    now: int
+    users: int = MILLION
+    exponent: float = ZIPF_EXPONENT
+    size: int = 0
+    tokens: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.path.write_text("")
+        self._random = random.Random(ZIPF_SEED)  # noqa: S311 — a reproducible draw, not a secret
+        self._cumulative = list(
+            itertools.accumulate(1 / rank**self.exponent for rank in range(1, self.users + 1))
+        )
+
+    def ensure(self, count: int) -> float:
+        """Extend the sequence to `count` requests; returns the seconds it took."""
+        missing = count - self.size
+        if missing <= 0:
+            return 0.0
+        started = time.monotonic()
+        ranks = self._random.choices(
+            range(1, self.users + 1), cum_weights=self._cumulative, k=missing
+        )
+        self._mint(sorted(set(ranks) - self.tokens.keys()))
+        with self.path.open("a", encoding="utf-8") as out:
+            for index, rank in enumerate(ranks, start=self.size):
+                user = zipf_user(rank)
+                out.write(request_line(self.tokens[rank], f"z-{rank:07d}", event_body(index, user)))
+        self.size = count
+        return time.monotonic() - started
+
+    def _mint(self, ranks: list[int]) -> None:
+        workers = max(1, len(os.sched_getaffinity(0)))
+        chunks = [ranks[i : i + MINT_CHUNK] for i in range(0, len(ranks), MINT_CHUNK)]
+        with ProcessPoolExecutor(
+            workers, initializer=_init_worker, initargs=(self.private_key_pem,)
+        ) as pool:
+            users = [[zipf_user(rank) for rank in chunk] for chunk in chunks]
+            signed = pool.map(_sign_users, users, [self.now] * len(users))
+            for chunk, tokens in zip(chunks, signed, strict=True):
+                self.tokens.update(zip(chunk, tokens, strict=True))
+
+
+@dataclass
+class ZipfCursor:
+    """One target's position in a shared `ZipfSequence`: runs take consecutive slices, so the
+    target's cache sees one continuing stream across rounds, as a gateway in production does."""
+
+    sequence: ZipfSequence
+    used: int = 0
+
+    @property
+    def path(self) -> Path:
+        return self.sequence.path
+
+    @property
+    def size(self) -> int:
+        return self.sequence.size
+
+    def ensure(self, count: int) -> float:
+        return self.sequence.ensure(self.used + count)
+
+    def take(self, used: int) -> None:
+        self.used = min(self.sequence.size, self.used + used)

@@ -21,6 +21,8 @@ def haproxy_for(key: str) -> str:
     """The HAProxy target a gateway target is compared with: the same transport and traffic."""
     if key.endswith("-tls-handshakes"):
         return "haproxy-tls-handshakes"
+    if key.endswith("-million"):
+        return "haproxy-million"
     return BASELINE_HAPROXY_TLS if key.endswith("-tls") else BASELINE_HAPROXY
 
 
@@ -163,7 +165,20 @@ def footnotes(rows: Sequence[Row]) -> list[str]:
             notes.append(f"{row.label}: {unsaturated(median, row.cores)}")
         if row.key == WORKERS and (grown := scaling(row, by_key.get(ONE_PROCESS))):
             notes.append(grown)
+        if row.valid and (cache := cache_use(row)):
+            notes.append(cache)
     return notes
+
+
+def cache_use(row: Row) -> str | None:
+    """The verified-token cache's hit rate and the process's memory, round by round."""
+    rounds = [r for r in row.runs if r.cache_hit_percent is not None and r.rss_mib is not None]
+    if not rounds:
+        return None
+    said = ", ".join(
+        f"round {r.round} {r.cache_hit_percent:.1f}% hits, RSS {r.rss_mib:.0f} MiB" for r in rounds
+    )
+    return f"{row.label}: verified-token cache {said}"
 
 
 def scaling(workers: Row, single: Row | None) -> str | None:

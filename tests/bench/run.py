@@ -20,6 +20,11 @@ Targets, measured in interleaved rounds (every target once per round, the median
                         haproxy-tls; both over keep-alive connections
     *-tls-handshakes    the two above with `Connection: close` on every request: a TLS
                         handshake per request (handshakes per second)
+    haproxy-million     haproxy-jwt on a million users whose request rates follow Zipf's law
+                        (tests/bench/dataset.py ZipfSequence), each user's token reused
+    gateway-million     gateway-required on the same sequence with the default cache size;
+                        the rounds continue one stream, and each run reports the cache's hit
+                        rate and the process's RSS
 
 Environment: BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (1, 0 = none),
 BENCH_CONNECTIONS (50), BENCH_THREADS (wrk threads, 1), BENCH_TARGETS (comma-separated keys,
@@ -63,6 +68,7 @@ from tests.bench.procs import (
     choose_pinning,
     command_output,
     free_ports,
+    http_request,
 )
 from tests.bench.stack import Skipped, Smoke, Target, Tools
 from tests.bench.wrkrun import Load, Requests, RunResult, run_wrk, wrk_command
@@ -81,6 +87,8 @@ TARGETS = {
     "gateway-tls": "gateway: required, 1000 users, HTTPS",
     "haproxy-tls-handshakes": "HAProxy jwt_verify RS256, HTTPS, a new connection per request",
     "gateway-tls-handshakes": "gateway: required, HTTPS, a new connection per request",
+    "haproxy-million": "HAProxy jwt_verify RS256, 1M users (Zipf)",
+    "gateway-million": "gateway: required, 1M users (Zipf)",
 }
 ENV_NAMES = (
     "BENCH_SECONDS",
@@ -96,6 +104,7 @@ ENV_NAMES = (
 USERS = 1000
 FRESH_SAFETY = 1.5  # tokens minted per request the estimate says a fresh run can send
 FRESH_FALLBACK_RPS = 5000.0
+ZIPF_MIN_RPS = 20_000.0  # the least a million-user slice is sized for, whatever was seen
 
 
 # --- options -----------------------------------------------------------------------------------
@@ -163,6 +172,7 @@ class Material:
     reused: Requests
     anonymous: Requests
     fresh: dataset.FreshPool
+    million: dataset.ZipfSequence
     smoke: Smoke
     tls: stack.BenchTls
 
@@ -195,6 +205,7 @@ def prepare(workdir: Path, tools: Tools) -> Material:
         reused=Requests(reused_path, 0, reused),
         anonymous=Requests(anonymous_path, 0, anonymous),
         fresh=dataset.FreshPool(workdir / "fresh.tsv", private_path.read_bytes(), now),
+        million=dataset.ZipfSequence(workdir / "million.tsv", private_path.read_bytes(), now),
         smoke=Smoke(token, body, refused),
         tls=stack.BenchTls.generate(workdir),
     )
@@ -250,7 +261,8 @@ def start_targets(
                     label += TARGETS[key].removeprefix("HAProxy jwt_verify RS256")
                 scheme = "https" if tls else "http"
                 sent = with_close(reused) if key.endswith("-handshakes") else reused
-                started.append(Target(key, label, port, outcome, sent, sent, scheme=scheme))
+                drawn = zipf_cursor(material, key)
+                started.append(Target(key, label, port, outcome, sent, sent, drawn, scheme=scheme))
         else:
             started.append(
                 start_gateway_target(sup, tools, pinning, material, key, upstream_port, ports)
@@ -307,7 +319,7 @@ def start_gateway_target(
     requests = material.anonymous if key == "gateway-anonymous" else material.reused
     if key.endswith("-handshakes"):
         requests = with_close(requests)
-    fresh = material.fresh if key == "gateway-fresh" else None
+    fresh = material.fresh if key == "gateway-fresh" else zipf_cursor(material, key)
     return Target(
         key,
         label,
@@ -319,7 +331,12 @@ def start_gateway_target(
         cores=cores,
         shares_load_core=key == "gateway-workers" and pinning.workers_share_load_core,
         scheme="https" if tls is not None else "http",
+        admin_port=admin_port,
     )
+
+
+def zipf_cursor(material: Material, key: str) -> dataset.ZipfCursor | None:
+    return dataset.ZipfCursor(material.million) if key.endswith("-million") else None
 
 
 def with_close(requests: Requests) -> Requests:
@@ -367,10 +384,14 @@ def measure_once(
     requests = target.requests
     if target.fresh is not None:
         count = estimates.fresh_tokens(options.seconds, options.max_fresh_tokens)
+        if isinstance(target.fresh, dataset.ZipfCursor):
+            # Never short: a slice sent twice would read as cache hits.
+            count = max(count, math.ceil(ZIPF_MIN_RPS * options.seconds * FRESH_SAFETY))
         took = target.fresh.ensure(count)
         if took:
-            progress(f"minted fresh tokens up to {target.fresh.size:,} in {took:.1f}s")
+            progress(f"drew requests up to {target.fresh.size:,} for {target.key} in {took:.1f}s")
         requests = Requests(target.fresh.path, target.fresh.used, count)
+    cache_before = cache_counts(target)
     result = run_wrk(
         load,
         target.url,
@@ -379,12 +400,37 @@ def measure_once(
         target=target.key,
         round_index=round_index,
         cpu_pids=target.cpu_pids,
-        reuse_is_invalid=target.fresh is not None,
+        reuse_is_invalid=isinstance(target.fresh, dataset.FreshPool)
+        or target.key == "gateway-million",
     )
     if target.fresh is not None:
         target.fresh.take(result.consumed)
+    if isinstance(target.fresh, dataset.ZipfCursor) and cache_before is not None:
+        hits, misses = (
+            a - b for a, b in zip(cache_counts(target) or (0, 0), cache_before, strict=True)
+        )
+        result.cache_hit_percent = hits / (hits + misses) * 100 if hits + misses else None
+        result.rss_mib = rss_mib(target.cpu_pids())
     estimates.note(target.key, result.rps)
     return result
+
+
+def cache_counts(target: Target) -> tuple[float, float] | None:
+    """The gateway's verified-token cache (hits, misses) so far, from its /metrics."""
+    if target.admin_port is None or not isinstance(target.fresh, dataset.ZipfCursor):
+        return None
+    text = http_request(target.admin_port, "GET", "/metrics").body.decode()
+    found = dict(re.findall(r'gateway_verified_token_cache_total\{result="(\w+)"\} (\S+)', text))
+    return float(found.get("hit", 0)), float(found.get("miss", 0))
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def describe_run(result: RunResult) -> str:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.bench import configs
-from tests.bench.dataset import PATH, FreshPool
+from tests.bench.dataset import PATH, FreshPool, ZipfCursor
 from tests.bench.procs import (
     BenchError,
     Service,
@@ -113,10 +113,11 @@ class Target:
     service: Service
     requests: Requests  # what the measured runs send (fresh: replaced per run from `fresh`)
     warmup: Requests
-    fresh: FreshPool | None = None
+    fresh: FreshPool | ZipfCursor | None = None  # requests drawn per run from a pool
     cores: int = 1  # the cores it may use (workers: N on several)
     shares_load_core: bool = False  # one of them is also wrk's and the upstream's
     scheme: str = "http"
+    admin_port: int | None = None  # a gateway's: its cache counters are read around each run
 
     @property
     def url(self) -> str:

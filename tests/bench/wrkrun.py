@@ -65,6 +65,8 @@ class RunResult:
     load_core_percent: float | None  # how busy the core of wrk and the upstream was
     command: str
     kernel_percent: float | None = None  # the proxy's CPU time spent in the kernel (syscalls)
+    cache_hit_percent: float | None = None  # the gateway's verified-token cache, this run
+    rss_mib: float | None = None  # the gateway's resident memory after the run
     problems: list[str] = field(default_factory=list)
 
     @property
