@@ -216,10 +216,14 @@ def prepare(workdir: Path, tools: Tools) -> Material:
 
 @dataclass
 class Ports:
-    free: list[int] = field(default_factory=lambda: free_ports(16))
+    free: list[int] = field(default_factory=list)
+    given: set[int] = field(default_factory=set)
 
     def take(self, count: int = 1) -> list[int]:
+        while len(self.free) < count:  # never one handed out before, even if released since
+            self.free += [p for p in free_ports(16) if p not in self.given and p not in self.free]
         taken, self.free = self.free[:count], self.free[count:]
+        self.given.update(taken)
         return taken
 
 
