@@ -771,9 +771,9 @@ def test_a_cache_of_size_zero_keeps_nothing() -> None:
 
 def test_one_token_has_a_key_per_verifier() -> None:
     digest = token_digest("a.b.c")
-    assert cache_key(digest, 1) != cache_key(digest, 2)
-    assert cache_key(digest, 1) == cache_key(token_digest("a.b.c"), 1)
-    assert cache_key(token_digest("a.b.d"), 1) != cache_key(digest, 1)
+    assert cache_key(digest, b"one") != cache_key(digest, b"two")
+    assert cache_key(digest, b"one") == cache_key(token_digest("a.b.c"), b"one")
+    assert cache_key(token_digest("a.b.d"), b"one") != cache_key(digest, b"one")
 
 
 def test_tokens_with_one_expiry_share_one_float() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import binascii
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 from gateway.auth.algorithms import ALGORITHMS
@@ -44,6 +46,7 @@ _CANONICAL_LAST = {
 
 
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_CACHE_KEY_SECRET = secrets.token_bytes(32)
 
 
 def _b64decode(segment: str) -> bytes:
@@ -97,7 +100,7 @@ class TokenCache:
     freeing half the cache takes: each new entry frees two of its entries, so it is gone before
     the young generation fills again, and never more than the bound is held.
 
-    Keys are ints: 128 bits of the token's SHA-256 mixed with the verifier's (`cache_key`).
+    Keys are 128-bit ints, a keyed hash of the token's SHA-256 and the verifier (`cache_key`).
     Expiry times are shared (`expiry`): a backend's tokens of one second and lifetime have the
     same `exp`, so a million tokens hold a few thousand floats rather than a million.
     """
@@ -161,14 +164,18 @@ class TokenCache:
         return len(self._young) + len(self._old)
 
 
-def cache_key(digest: bytes, salt: int) -> int:
+def cache_key(digest: bytes, salt: bytes) -> int:
     """The cache key of a token with SHA-256 `digest` for the verifier whose `salt` is given.
 
-    128 bits of the digest are enough: another token with the same key is a second preimage of
-    those bits. The salt (from the verifier's generation) keeps one token's entries for two
-    verifiers apart, which a key of (generation, digest) would do at twice the memory.
+    A keyed BLAKE2b of the digest and the verifier's generation, cut to 128 bits, under a key
+    drawn at start-up: nobody outside the process can compute keys, so two tokens (for one
+    verifier or two) share one only by a 2**-128 chance, however much of the config an
+    attacker knows. Mixing the generation in keeps one token's entries for two verifiers
+    apart, which a key of (generation, digest) would do at twice the memory.
     """
-    return int.from_bytes(digest[:16], "little") ^ salt
+    return int.from_bytes(
+        blake2b(digest, digest_size=16, key=_CACHE_KEY_SECRET, salt=salt).digest(), "little"
+    )
 
 
 SubjectReader = Callable[[Mapping[str, Any]], str | Mapping[str, str]]
@@ -197,7 +204,7 @@ class TokenVerifier:
         self.keys = keys
         self.policy = policy
         self.generation = generation
-        self._salt = int.from_bytes(generation[:16], "little")
+        self._salt = generation[:16]
         self._cache = cache
         self._clock = clock
         # An issuer's tokens share one header segment: it is decoded, checked and matched to
