@@ -762,6 +762,17 @@ def test_the_cache_holds_between_half_its_bound_and_its_bound_and_frees_what_it_
     assert all(cache.get(n) is None for n in range(1_800))
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 10, 11])
+def test_a_small_cache_fills_to_its_bound(size: int) -> None:
+    """Both generations together hold the bound (rounded down to even), never more."""
+    cache = TokenCache(size)
+    for n in range(size * 5):
+        cache.put(n, verified(f"u{n}"))
+        assert len(cache) <= size
+    assert len(cache) == size - size % 2
+    assert cache.get(size * 5 - 1) is not None
+
+
 def test_a_cache_of_size_zero_keeps_nothing() -> None:
     cache = TokenCache(0)
     cache.put(1, verified("alice"))

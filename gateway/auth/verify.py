@@ -107,6 +107,8 @@ class TokenCache:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
+        # Each generation holds at most half, so both together at most the bound (a bound of 1
+        # holds 2: two generations need one entry each).
         self._half = max(1, max_entries // 2)
         self._young: dict[int, VerifiedToken] = {}
         self._old: dict[int, VerifiedToken] = {}
@@ -137,6 +139,13 @@ class TokenCache:
         self._keep(key, token)
 
     def _keep(self, key: int, token: VerifiedToken) -> None:
+        young = self._young
+        if len(young) >= self._half and key not in young:
+            # The previous dropped generation is empty by now: the half-bound of entries that
+            # filled the young one freed two of its entries each.
+            self._dropped, self._old, young = self._old, young, {}
+            self._young = young
+        young[key] = token
         dropped = self._dropped
         if dropped:
             dropped.popitem()
@@ -144,12 +153,6 @@ class TokenCache:
                 dropped.popitem()
             if not dropped:
                 self._dropped = {}  # its table too, now rather than at the next rotation
-        young = self._young
-        young[key] = token
-        if len(young) >= self._half:
-            # The previous dropped generation is empty by now: the half-bound of entries that
-            # filled the young one freed two of its entries each.
-            self._dropped, self._old, self._young = self._old, young, {}
 
     def expiry(self, exp: float) -> float:
         """`exp`, as the one float object the cache's entries with that expiry share."""
