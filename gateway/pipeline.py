@@ -24,12 +24,11 @@ from gateway.base.clock import Clock
 from gateway.base.traced import SpanOpener
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
-from gateway.config.router import MethodNotAllowed
 from gateway.counters import FailureCounter, session_hint, session_key
 from gateway.forwarding.upstream import Upstream, relay_failure_reason
 from gateway.http.handler import ConnectionLimits
 from gateway.http.messages import Request, Response, new_request_id
-from gateway.refusals.reasons import Reason, Rejected
+from gateway.refusals.reasons import MethodNotAllowed, Reason, Rejected
 from gateway.stages.authenticate import AuthStatus, Checked, CheckInputs, check
 from gateway.stages.body import body_at_hand, read_body, read_json
 from gateway.stages.cors import cors_headers, preflight

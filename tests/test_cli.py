@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from gateway.config.settings import Settings
 from gateway.tools.cli import build_parser
 from tests.conftest import (
+    COMPILED,
     EXAMPLES,
     KeyPair,
     base_config,
@@ -55,9 +56,10 @@ ANONYMOUS = {"customer_ids": {"cookie": "c-123"}, "event_type": "view"}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The test's environment, with this checkout first on the path and no stray config."""
+    """The test's environment, with this checkout on the path (after the build PYTHONPATH
+    names, when the suite runs against the compiled one) and no stray config."""
     env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO)]))
     env.update(extra)
     return env
 
@@ -681,10 +683,12 @@ def test_demo_serves_what_it_prints(workdir: Path) -> None:
 # --- help, version, config schema ---------------------------------------------------------------
 
 
-def test_version_is_the_installed_package_version(workdir: Path) -> None:
+def test_version_is_the_installed_package_version_and_build(workdir: Path) -> None:
     result = run_cli("--version", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"gateway {importlib.metadata.version('ingestion-gateway')}\n"
+    version = importlib.metadata.version("ingestion-gateway")
+    build = "compiled" if COMPILED else "pure Python"
+    assert result.stdout == f"gateway {version} ({build})\n"
 
 
 def test_top_level_help_describes_the_product_and_hides_the_worker_command(

@@ -423,6 +423,12 @@ def test_dockerfile() -> None:
     stages = re.findall(r"^FROM (\S+)(?: AS (\w+))?$", text, re.MULTILINE)
     assert len(stages) >= 2, "multi-stage: wheels built in one stage, installed in another"
     assert re.search(r"^RUN .*pip wheel .*\.$", text, re.MULTILINE)
+    # The compiled build by default, its compiler in the build stage only.
+    build_stage, runtime_stage = text.split("\nFROM ${PYTHON_IMAGE}\n")
+    assert "ARG GATEWAY_COMPILED=1" in build_stage
+    assert "HATCH_BUILD_HOOK_ENABLE_MYPYC=${GATEWAY_COMPILED}" in build_stage
+    assert " gcc " in build_stage
+    assert "gcc" not in runtime_stage
     assert "--no-index" in text
     (user,) = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
     assert user.split(":")[0] not in {"0", "root"}
@@ -439,4 +445,4 @@ def test_dockerfile() -> None:
     assert pyproject["project"]["scripts"]["gateway"] == "gateway.tools.cli:main"
     # The Dockerfile-specific ignore file lets through what the build copies.
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").split()
-    assert {"**", "!pyproject.toml", "!README.md", "!gateway/"} <= set(ignore)
+    assert {"**", "!pyproject.toml", "!README.md", "!gateway/", "**/*.so"} <= set(ignore)

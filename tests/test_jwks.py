@@ -32,8 +32,9 @@ EVENTS = "/track/v2/projects/app/customers/events"
 SMALL_RSA = rsa.generate_private_key(public_exponent=65537, key_size=1024)
 
 
-def b64_int(value: int) -> str:
-    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+def b64_int(value: int, length: int = 0) -> str:
+    """`value` big-endian in base64url, in `length` bytes at least (EC coordinates are fixed)."""
+    raw = value.to_bytes(max(length, (value.bit_length() + 7) // 8), "big")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
@@ -54,8 +55,8 @@ def ec_jwk(private: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
         "kty": "EC",
         "kid": kid,
         "crv": "P-256",
-        "x": b64_int(numbers.x).rjust(43, "A"),
-        "y": b64_int(numbers.y).rjust(43, "A"),
+        "x": b64_int(numbers.x, 32),
+        "y": b64_int(numbers.y, 32),
     }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.forwarding.upstream import Upstream as UpstreamClient
+from gateway.forwarding.upstream import BUFFER_BYTES
 from gateway.http.connection import LINGER_SECONDS, MAX_QUEUED
 from gateway.http.server import HttpServer
 from tests.conftest import (
@@ -435,7 +435,7 @@ async def test_answer_before_the_body_arrived_closes_the_connection(
 # --- answers past the upstream buffer ----------------------------------------------------------
 
 
-PAYLOAD = os.urandom(3 * UpstreamClient.BUFFER_BYTES + 123)
+PAYLOAD = os.urandom(3 * BUFFER_BYTES + 123)
 
 
 async def big_gateway(

@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from gateway.auth.target import SEGMENT_CHARS
 from gateway.base.memo import BoundedMemo
-from gateway.refusals.reasons import Reason, Rejected
+from gateway.refusals.reasons import MethodNotAllowed, Reason, Rejected
 
 
 class TemplateError(ValueError):
@@ -126,11 +126,3 @@ class Router(Generic[RouteT]):
         if allowed:
             raise MethodNotAllowed(", ".join(sorted(allowed)))
         raise Rejected(Reason.ROUTE_NOT_FOUND)
-
-
-class MethodNotAllowed(Rejected):
-    __slots__ = ("allow",)
-
-    def __init__(self, allow: str) -> None:
-        super().__init__(Reason.METHOD_NOT_ALLOWED)
-        self.allow = allow

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 
 from yarl import URL
 
@@ -48,12 +48,13 @@ def _endpoints(endpoints: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
     return tuple(parsed)
 
 
+# An answer up to this size is read whole before we reply, so an upstream that breaks
+# mid-answer still gets a 502 rather than a truncated 2xx.
+BUFFER_BYTES: Final = 1 << 20
+
+
 class Upstream:
     """The pooled HTTP/1.1 client to the tracking API."""
-
-    # An answer up to this size is read whole before we reply, so an upstream that breaks
-    # mid-answer still gets a 502 rather than a truncated 2xx.
-    BUFFER_BYTES = 1 << 20
 
     def __init__(
         self, name: str, settings: UpstreamSettings, tls: ssl.SSLContext | None, outbox: Outbox
@@ -78,7 +79,7 @@ class Upstream:
             settings.idle_timeout_seconds,
             outbox,
         )
-        self._client = Client(self._pool, host_header, self.BUFFER_BYTES)
+        self._client = Client(self._pool, host_header, BUFFER_BYTES)
 
     async def close(self) -> None:
         await self._pool.close()

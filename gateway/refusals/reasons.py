@@ -218,3 +218,13 @@ class Rejected(Exception):  # a verdict on the request, not an error of the gate
     def __init__(self, reason: Reason) -> None:
         super().__init__(reason.phrase)
         self.reason = reason
+
+
+class MethodNotAllowed(Rejected):
+    """The path is routed, but not for this method: `allow` lists the methods that are."""
+
+    __slots__ = ("allow",)
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(Reason.METHOD_NOT_ALLOWED)
+        self.allow = allow

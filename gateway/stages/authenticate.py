@@ -117,11 +117,11 @@ def check(
     checked = Checked(body)
     if reading is not None:
         checked.body, checked.decoded = reading.forwarded, reading.decoded
-        refused = reading.encoding_refused
-        if refused is not None:
-            if mode == "required" or refused.code is Code.PAYLOAD_TOO_LARGE:
-                raise Rejected(refused)
-            checked.failure = refused
+        encoding_refused = reading.encoding_refused
+        if encoding_refused is not None:
+            if mode == "required" or encoding_refused.code is Code.PAYLOAD_TOO_LARGE:
+                raise Rejected(encoding_refused)
+            checked.failure = encoding_refused
     if route.api_key:
         check_api_key(project, parts)
     if mode == "disabled" or checked.failure is not None:

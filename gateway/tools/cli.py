@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,10 +169,18 @@ class _Version(argparse.Action):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            print(f"gateway {version(DISTRIBUTION)}")
+            print(f"gateway {version(DISTRIBUTION)} ({_build()})")
         except PackageNotFoundError:
             parser.exit(2, f"gateway: {DISTRIBUTION} is not installed (pip install -e .)\n")
         parser.exit()
+
+
+def _build() -> str:
+    """Which build is installed: the request path compiled by mypyc (the wheel built with
+    HATCH_BUILD_HOOK_ENABLE_MYPYC=1), or pure Python."""
+    spec = find_spec("gateway.pipeline")
+    origin = spec.origin if spec is not None else None
+    return "pure Python" if origin is None or origin.endswith(".py") else "compiled"
 
 
 def _workers_argument(value: str) -> int | str:

@@ -8,6 +8,8 @@ Targets, measured in interleaved rounds (every target once per round, the median
     haproxy-jwt         HAProxy jwt_verify RS256 + exp + sub = body's customer_ids.registered
     gateway-disabled    the gateway in `disabled` mode
     gateway-required    `required`, 1,000 users whose tokens are reused (the realistic case)
+    gateway-python      gateway-required on the pure-Python build (PYTHONPATH unset): what
+                        the compiled build gains, when `make bench` runs the compiled one
     gateway-fresh       `required`, a token never seen before on every request (every one pays RSA)
     gateway-anonymous   `required`, requests without identity or token
     gateway-redis       `required` with the Redis failure counter, traffic as gateway-required
@@ -30,7 +32,8 @@ Environment: BENCH_SECONDS (10), BENCH_ROUNDS (3), BENCH_WARMUP_SECONDS (1, 0 = 
 BENCH_CONNECTIONS (50), BENCH_THREADS (wrk threads, 1), BENCH_TARGETS (comma-separated keys,
 all by default), BENCH_MAX_FRESH_TOKENS (500000), BENCH_JSON (/tmp/gateway-bench.json),
 BENCH_GATEWAY (the command that runs the gateway CLI, to compare builds or interpreters;
-default: this environment's `gateway`).
+default: this environment's `gateway`). `make bench` runs the compiled build (PYTHONPATH names
+it); the report's versions say which build the gateway targets ran.
 
 Needs wrk and nginx (Debian: wrk nginx-light); haproxy (>= 2.5) and redis-server are optional,
 their targets are skipped with a line saying why. A run with any non-2xx answer, socket error
@@ -78,6 +81,7 @@ TARGETS = {
     "haproxy-jwt": "HAProxy jwt_verify RS256",
     "gateway-disabled": "gateway: disabled",
     "gateway-required": "gateway: required, 1000 users, tokens reused",
+    "gateway-python": "gateway: required, 1000 users, pure-Python build",
     "gateway-fresh": "gateway: required, fresh token per request",
     "gateway-anonymous": "gateway: required, anonymous",
     "gateway-redis": "gateway: required, Redis counter",
@@ -314,8 +318,11 @@ def start_gateway_target(
             traces_to=traces_to,
         )
 
+    gateway = tools.gateway
+    if key == "gateway-python":  # the sources the editable install names, not PYTHONPATH's build
+        gateway = ("/usr/bin/env", "-u", "PYTHONPATH", "-u", "PYTHONSAFEPATH", *gateway)
     port, admin_port = ports.take(2)
-    service = stack.start_gateway(sup, tools.gateway, key, settings, (port, admin_port), prefix)
+    service = stack.start_gateway(sup, gateway, key, settings, (port, admin_port), prefix)
     smoke = material.smoke
     if mode == "disabled":
         smoke = Smoke(smoke.token, smoke.body)  # disabled forwards any token
@@ -489,11 +496,13 @@ def versions(tools: Tools) -> dict[str, str]:
         "python": platform.python_version(),
         "openssl": openssl_backend.openssl_version_text().removeprefix("OpenSSL "),
     }
-    for package in ("aiohttp", "uvloop", "cryptography", "ingestion-gateway"):
+    for package in ("aiohttp", "uvloop", "cryptography"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
+    # "0.1.0 (compiled)": the build the gateway targets run, as the CLI reports it.
+    found["gateway"] = _version([*tools.gateway, "--version"], r"gateway (.+)")
     return found
 
 
