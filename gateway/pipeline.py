@@ -186,9 +186,9 @@ class Pipeline:
         reading = None
         if mode != "disabled" and route.reads_json and body:
             reading = await read_json(request, route, body, limits)
-        checks: CheckInputs = (route, project, parts, target, body, reading, limits, mode)
-        checked = check(*checks)
+        checked = check(route, project, parts, target, body, reading, limits, mode)
         if checked.failure is Reason.KID_UNKNOWN and project.keys.jwks is not None:
+            checks: CheckInputs = (route, project, parts, target, body, reading, limits, mode)
             checked = await self._with_fresh_keys(project, checked, checks)
         exchange.token_fingerprint = checked.token_fingerprint
         if checked.failure is None:
