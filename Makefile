@@ -125,12 +125,13 @@ format: $(DEV)
 	$(BIN)/ruff format gateway tests deploy
 	$(BIN)/ruff check --fix gateway tests deploy
 
-# Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode; then the
-# verified-token cache's bytes per entry and hit rate by size at a million users.
+# Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode (the
+# compiled build, and the pure-Python one on the realistic target); then the verified-token
+# cache's bytes per entry and hit rate by size at a million users, in the compiled build.
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
 bench: $(DEV) $(COMPILED_BUILT)
 	PYTHONPATH=$(COMPILED) $(BIN)/python -m tests.bench.run
-	PYTHONPATH=$(COMPILED) $(BIN)/python -m tests.bench.cache_sizing
+	PYTHONPATH=$(COMPILED):$(CURDIR) PYTHONSAFEPATH=1 $(BIN)/python -m tests.bench.cache_sizing
 
 # Minutes of steady mixed, hostile load on a real `gateway run`: memory, descriptors, accounting.
 # SOAK_SECONDS (120 per backend), SOAK_RPS (300), SOAK_BACKENDS (memory,redis).

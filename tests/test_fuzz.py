@@ -44,7 +44,8 @@ from gateway.auth.extract import (
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.subject import IdMapSubject, ScalarSubject
 from gateway.auth.target import parse_target
-from gateway.auth.verify import TokenVerifier, VerifiedToken
+from gateway.auth.verified import VerifiedToken
+from gateway.auth.verify import TokenVerifier
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import CompiledConfig, compile_config
 from gateway.config.router import RouteEntry, Router, compile_template

@@ -18,6 +18,7 @@ from typing import Any
 from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.keys import KeySet, VerificationKey
+from gateway.auth.verified import VerifiedToken
 from gateway.base import traced
 from gateway.base.clock import Clock
 from gateway.base.hashing import sha256
@@ -26,13 +27,6 @@ from gateway.refusals.reasons import Reason, Rejected
 
 _COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _MAX_NUMERIC_DATE = 2**53
-
-
-@dataclass(frozen=True, slots=True)
-class VerifiedToken:
-    user: str | Mapping[str, str]  # as the project's subject format reads it
-    exp: float
-    kid: str
 
 
 _B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -113,7 +107,8 @@ class TokenCache:
         self._young: dict[int, VerifiedToken] = {}
         self._old: dict[int, VerifiedToken] = {}
         self._dropped: dict[int, VerifiedToken] = {}
-        self._expiries: BoundedMemo[float, float] = BoundedMemo(8192)
+        # Any, not float: the compiled build would otherwise hand out copies of the value.
+        self._expiries: BoundedMemo[float, Any] = BoundedMemo(8192)
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
 
@@ -154,7 +149,7 @@ class TokenCache:
             if not dropped:
                 self._dropped = {}  # its table too, now rather than at the next rotation
 
-    def expiry(self, exp: float) -> float:
+    def expiry(self, exp: float) -> Any:
         """`exp`, as the one float object the cache's entries with that expiry share."""
         shared = self._expiries.get(exp)
         return self._expiries.keep(exp, exp) if shared is None else shared

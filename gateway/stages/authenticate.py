@@ -21,7 +21,7 @@ from gateway.auth.extract import (
 )
 from gateway.auth.subject import Identity
 from gateway.auth.target import Target
-from gateway.auth.verify import VerifiedToken
+from gateway.auth.verified import VerifiedToken
 from gateway.config.projects import Project
 from gateway.config.routes import API_KEY_SOURCE, Route
 from gateway.config.settings import LimitsSettings

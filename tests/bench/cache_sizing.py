@@ -30,7 +30,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.auth.verify import TokenCache, VerifiedToken
+from gateway.auth import verify
+from gateway.auth.verified import VerifiedToken
+from gateway.auth.verify import TokenCache
 from gateway.base.clock import SystemClock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import parse_settings
@@ -156,8 +158,9 @@ def hit_rate_table() -> list[str]:
 def main() -> int:
     started = time.monotonic()
     per_entry, before, after = bytes_per_entry()
+    build = "pure Python" if str(verify.__file__).endswith(".py") else "compiled"
     print(
-        f"verified-token cache, {USERS:,} entries: {per_entry:.0f} bytes each; "
+        f"verified-token cache ({build} build), {USERS:,} entries: {per_entry:.0f} bytes each; "
         f"process RSS {before:.0f} MiB -> {after:.0f} MiB"
     )
     print(
