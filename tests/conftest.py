@@ -504,18 +504,20 @@ async def gateway_process(
     stderr: Path | None = None,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    cwd: Path | None = None,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`gateway run -c CONFIG` as a real process, once its admin listener says it is ready;
     killed on the way out, with any workers it started. Its stdout and stderr go to the files
-    named, else nowhere; `env` and `preexec_fn` are the child's."""
+    named, else nowhere; `env`, `preexec_fn` and `cwd` are the child's. `-P`: the package it
+    runs is the installed one (or the build PYTHONPATH names), never the working directory's."""
     with contextlib.ExitStack() as files:
         outputs = [
             files.enter_context(path.open("wb")) if path is not None else asyncio.subprocess.DEVNULL
             for path in (stdout, stderr)
         ]
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", "-c", str(config_path),
-            stdout=outputs[0], stderr=outputs[1], env=env, preexec_fn=preexec_fn,
+            sys.executable, "-P", "-m", "gateway", "run", "-c", str(config_path),
+            stdout=outputs[0], stderr=outputs[1], env=env, preexec_fn=preexec_fn, cwd=cwd,
         )  # fmt: skip
     try:
         async with aiohttp.ClientSession() as http:

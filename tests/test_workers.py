@@ -56,8 +56,14 @@ async def two_workers(
     config["projects"]["app"]["mode"] = "monitor"
     path = write_config(tmp_path, config, {"a.pem": key_a, "b.pem": key_b})
     stderr = tmp_path / "stderr.log"
+    # Started in a directory holding a `gateway` package that is not the gateway: workers that
+    # imported it (rather than the package the supervisor runs) would never be ready.
+    decoy = tmp_path / "decoy"
+    (decoy / "gateway").mkdir(parents=True)
+    (decoy / "gateway" / "__init__.py").write_text("")
+    (decoy / "gateway" / "__main__.py").write_text("raise SystemExit('not the gateway')\n")
     async with gateway_process(
-        path, config["admin_listen"], what="both workers ready", stderr=stderr
+        path, config["admin_listen"], what="both workers ready", stderr=stderr, cwd=decoy
     ) as process:
         yield Running(process, config, path)
 
@@ -78,6 +84,15 @@ async def requests_total(http: aiohttp.ClientSession, admin: str) -> float:
         for sample in family.samples
         if sample.name == "gateway_requests_total"
     )
+
+
+def test_workers_run_the_supervisors_package_whatever_their_directory_holds(
+    two_workers: Running,
+) -> None:
+    workers = children_of(two_workers.process.pid)
+    assert len(workers) == 2
+    for pid in workers:  # ready, from a directory whose `gateway` package would exit at once
+        assert (Path(f"/proc/{pid}/cwd").resolve() / "gateway" / "__main__.py").exists()
 
 
 async def test_workers_share_the_port_and_sum_their_metrics(

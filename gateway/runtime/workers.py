@@ -45,6 +45,8 @@ log = logging.getLogger("gateway.workers")
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 RESTART_BACKOFF_SECONDS = 1.0
+# The directory the running `gateway` package was imported from (gateway/runtime/workers.py).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass
@@ -81,8 +83,13 @@ class Supervisor:
             worker.port_file.unlink()
         fd = self.listener.fileno()
         env = {**os.environ, METRICS_DIR_ENV: str(self.metrics_dir), LISTEN_FD_ENV: str(fd)}
+        # A worker runs the package this process runs (the compiled build or the sources),
+        # whatever the working directory holds: `-P` leaves the working directory off its path,
+        # and the directory this package was imported from goes first.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",
             "-m",
             "gateway",
             "worker",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite starts or builds against, installed when missing:
 # redis-server and promtool (started by the Redis and metrics tests), and the upstream stacks
-# of tests/test_differential.py: Go, cJSON with a C compiler, Node.js with npm.
+# of tests/test_differential.py: Go, cJSON with a C compiler, Node.js with npm; and the Python
+# headers the compiled build needs.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v go >/dev/null 2>&1 || need+=(golang-go)
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+# The compiled build (mypyc) compiles against the Python headers of the interpreter in use.
+include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -f "$include/Python.h" ] || need+=(python3-dev)
 [ -f /usr/include/cjson/cJSON.h ] || need+=(libcjson-dev)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
