@@ -7,9 +7,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from multidict import CIMultiDictProxy
 
-from tests.conftest import GatewayFactory, RunningGateway, Tokens, Upstream, sign_raw
+from tests.conftest import GatewayFactory, RunningGateway, Tokens, Upstream, b64url, sign_raw
 
 EVENTS = "/track/v2/projects/app/customers/events"
 
@@ -183,6 +185,10 @@ REJECTED_CASES: list[tuple[str, str]] = [
     ("two_segments", "malformed"),
     ("padded_base64", "malformed"),
     ("non_canonical_base64", "malformed"),
+    ("standard_alphabet_in_header", "malformed"),
+    ("standard_alphabet_in_payload", "malformed"),
+    ("space_in_payload", "malformed"),
+    ("four_segments", "malformed"),
 ]
 
 
@@ -257,6 +263,20 @@ def make_bad_token(case: str, tokens: Tokens, key_b: Any) -> str:
             unused_bits = {2: 4, 3: 2}[len(sig) % 4]
             index = alphabet.index(last) ^ ((1 << unused_bits) - 1)
             return f"{head}.{body}.{sig[:-1]}{alphabet[index]}"
+        case "standard_alphabet_in_header" | "standard_alphabet_in_payload" | "space_in_payload":
+            # Signed as sent: only the characters are wrong, so it is refused as malformed
+            # before (not because of) the signature.
+            head, body = b64url(header), b64url(payload)
+            if case == "standard_alphabet_in_header":
+                head = head[:4] + "++++" + head[4:]
+            else:  # four: whole groups, so that a reader skipping them sees no bad padding
+                outsider = "/" if case == "standard_alphabet_in_payload" else " "
+                body = body[:4] + outsider * 4 + body[4:]
+            signing_input = f"{head}.{body}".encode()
+            signature = tokens.key.private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+            return f"{signing_input.decode()}.{b64url(signature)}"
+        case "four_segments":
+            return tokens.good() + ".e30"
     raise AssertionError(case)
 
 

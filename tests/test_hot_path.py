@@ -719,6 +719,20 @@ def test_a_segment_is_accepted_exactly_when_it_is_the_canonical_encoding(length:
             assert refused.value.reason is Reason.TOKEN_MALFORMED
 
 
+@pytest.mark.parametrize("outsider", ["+", "/", "=", " ", "\n", ".", "%", "\x00", "é", "\ud800"])
+@pytest.mark.parametrize("position", [0, 2, 5])
+def test_a_segment_with_a_character_outside_base64url_is_malformed(
+    outsider: str, position: int
+) -> None:
+    """The standard alphabet's `+` and `/`, padding, whitespace and anything else: base64
+    readers that skip or translate them would read other bytes than the signer's. Four of
+    them, so that a reader skipping them finds whole groups and no padding to complain of."""
+    segment = "eyJhbGciOiJSUzI1NiJ9"
+    with pytest.raises(Rejected) as refused:
+        _b64decode(segment[:position] + outsider * 4 + segment[position:])
+    assert refused.value.reason is Reason.TOKEN_MALFORMED
+
+
 # === the verified-token cache ===================================================================
 
 

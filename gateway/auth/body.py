@@ -111,17 +111,35 @@ THREAD_BYTES = 64 * 1024
 NOT_READ: Any = object()  # `JsonBody.document` when the body was empty or could not be read
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JsonBody:
     """A body read for identity: the bytes to forward and their one JSON reading, or the
     reason each step refused it (kept, so the pipeline reports it in the contract's order)."""
 
     forwarded: bytes
-    decoded: bool = False
-    encoding_refused: Reason | None = None  # media type, coding or size: 413/415/400
-    parse_refused: Reason | None = None  # not one strict JSON document: 400
-    document: Any = NOT_READ
-    walked: Walked | None = None  # what the route's JSON paths hold, when walked ahead
+    decoded: bool
+    encoding_refused: Reason | None  # media type, coding or size: 413/415/400
+    parse_refused: Reason | None  # not one strict JSON document: 400
+    document: Any  # NOT_READ when it was not read
+    walked: Walked | None  # what the route's JSON paths hold, when walked ahead
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self,
+        forwarded: bytes,
+        decoded: bool = False,
+        *,
+        encoding_refused: Reason | None = None,
+        parse_refused: Reason | None = None,
+        document: Any = NOT_READ,
+        walked: Walked | None = None,
+    ) -> None:
+        self.forwarded = forwarded
+        self.decoded = decoded
+        self.encoding_refused = encoding_refused
+        self.parse_refused = parse_refused
+        self.document = document
+        self.walked = walked
 
 
 def read_json_body(

@@ -87,17 +87,16 @@ def collect_headers(
 ) -> dict[str, list[str]]:
     """The values of the watched headers, by `header_key`, in the order they came."""
     found: dict[str, list[str]] = {}
-    for name in watched:
-        if name not in keys:
-            continue
-        try:
-            found[name] = [
-                value.decode("utf-8")
-                for key, (_, value) in zip(keys, raw_headers, strict=True)
-                if key == name
-            ]
-        except UnicodeDecodeError:
-            raise Rejected(Reason.HEADER_INVALID) from None
+    try:
+        for key, (_, value) in zip(keys, raw_headers, strict=True):
+            if key in watched:
+                values = found.get(key)
+                if values is None:
+                    found[key] = [value.decode("utf-8")]
+                else:
+                    values.append(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Rejected(Reason.HEADER_INVALID) from None
     return found
 
 
@@ -216,8 +215,21 @@ class RequestParts:
 
     headers: dict[str, list[str]]
     query: dict[str, list[str]]
-    body: Any = _ABSENT  # the parsed JSON document, when the route reads one
-    walked: Walked | None = None  # `walk_all` of the body, when it was done ahead
+    body: Any  # the parsed JSON document, when the route reads one
+    walked: Walked | None  # `walk_all` of the body, when it was done ahead
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self,
+        headers: dict[str, list[str]],
+        query: dict[str, list[str]],
+        body: Any = _ABSENT,
+        walked: Walked | None = None,
+    ) -> None:
+        self.headers = headers
+        self.query = query
+        self.body = body
+        self.walked = walked
 
 
 def _single_header(parts: RequestParts, name: str) -> str | None:
@@ -278,6 +290,12 @@ class FoundToken:
     token: str
     sources: tuple[Source, ...]  # every place it was found, so it can be stripped from each
     digest: bytes  # `token_digest`, computed once for the cache and the log
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(self, token: str, sources: tuple[Source, ...], digest: bytes) -> None:
+        self.token = token
+        self.sources = sources
+        self.digest = digest
 
 
 def extract_token(

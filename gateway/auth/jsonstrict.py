@@ -77,10 +77,17 @@ _CONTROL_MARKS = (
 )
 
 
+def _holds(data: bytes, part: bytes) -> bool:
+    # `part in data` asks first whether `part` is an integer (a byte value), and on 3.11 the
+    # TypeError it formats and drops costs more than the search itself.
+    return data.find(part) != -1
+
+
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
-    if _LONG_DIGIT_RUN in data.translate(_DIGITS_AS_ZEROS) or (
-        (b"\\" in data or b"\x7f" in data) and any(mark in data for mark in _CONTROL_MARKS)
+    if _holds(data.translate(_DIGITS_AS_ZEROS), _LONG_DIGIT_RUN) or (
+        (_holds(data, b"\\") or _holds(data, b"\x7f"))
+        and any(_holds(data, mark) for mark in _CONTROL_MARKS)
     ):
         return _loads_with_reasons(data)
     # orjson builds a container per object and array; the cyclic collector, run every 700 of
@@ -104,7 +111,7 @@ def loads_strict(data: bytes) -> Any:
     # escape: counted, it can only make a document look as if it lost a member, so such a
     # document is read again by the strict decoder.)
     expected = data.count(b":")
-    escapes_colon = b"\\u003" in data
+    escapes_colon = _holds(data, b"\\u003")
     if escapes_colon:
         expected += data.count(b"\\u003a") + data.count(b"\\u003A")
     try:

@@ -8,7 +8,6 @@ verified. Header fields that name a key (`jku`, `x5u`, `jwk`, `x5c`) are never r
 from __future__ import annotations
 
 import binascii
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from gateway.base.hashing import sha256
 from gateway.base.memo import BoundedMemo
 from gateway.refusals.reasons import Reason, Rejected
 
-_COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _MAX_NUMERIC_DATE = 2**53
 
 
@@ -39,7 +37,9 @@ _CANONICAL_LAST = {
 }
 
 
-_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# `-` and `_` become the standard alphabet's `+` and `/`; a `+`, `/` or `=` of the segment's own
+# becomes `!`, which the strict decoder refuses like any other byte outside base64url.
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
 _CACHE_KEY_SECRET = secrets.token_bytes(32)
 
 
@@ -50,14 +50,24 @@ def _b64decode(segment: str) -> bytes:
     try:
         # base64.urlsafe_b64decode's own steps, without its Python-level calls around them.
         data = segment.encode("ascii").translate(_URLSAFE_TO_STANDARD)
-        return binascii.a2b_base64(data + b"=" * (-remainder % 4))
+        return binascii.a2b_base64(data + b"=" * (-remainder % 4), strict_mode=True)
     except (UnicodeEncodeError, binascii.Error):
         raise Rejected(Reason.TOKEN_MALFORMED) from None
 
 
-def _json_object(segment: str) -> dict[str, Any]:
+def _compact_segments(token: str) -> tuple[str, str, str]:
+    """Header, payload and signature of a compact JWS: three non-empty segments. That each is
+    base64url, and nothing else, `_b64decode` checks."""
+    segments = token.split(".")
+    if len(segments) != 3 or not all(segments):
+        raise Rejected(Reason.TOKEN_MALFORMED)
+    header, payload, signature = segments
+    return header, payload, signature
+
+
+def _json_object(decoded: bytes) -> dict[str, Any]:
     try:
-        value = loads_strict(_b64decode(segment))
+        value = loads_strict(decoded)
     except JSONRejected as exc:
         raise Rejected(
             Reason.TOKEN_DUPLICATE_KEY if exc.duplicate_key else Reason.TOKEN_MALFORMED
@@ -232,22 +242,22 @@ class TokenVerifier:
         return verified
 
     def _verify_uncached(self, token: str) -> VerifiedToken:
-        parts = _COMPACT_JWS.fullmatch(token)
-        if parts is None:
-            raise Rejected(Reason.TOKEN_MALFORMED)
-        header_b64, payload_b64, signature_b64 = parts.groups()
+        header_b64, payload_b64, signature_b64 = _compact_segments(token)
         selected = self._selected.get(header_b64)
         if selected is None:
-            selected = self._selected.keep(header_b64, self._select_keys(_json_object(header_b64)))
+            header = _json_object(_b64decode(header_b64))
+            selected = self._selected.keep(header_b64, self._select_keys(header))
         algorithm, candidates = selected
+        # Both decoded before the signature is checked: a malformed token is said to be so.
+        payload = _b64decode(payload_b64)
         signature = _b64decode(signature_b64)
-        signing_input = token[: parts.end(2)].encode()
+        signing_input = token[: len(header_b64) + 1 + len(payload_b64)].encode("ascii")
         key = next(
             (k for k in candidates if algorithm.verify(k.key, signing_input, signature)), None
         )
         if key is None:
             raise Rejected(Reason.SIGNATURE_INVALID)
-        claims = _json_object(payload_b64)
+        claims = _json_object(payload)
         exp = self._check_times(claims)
         self._check_audience_issuer(claims)
         return VerifiedToken(self.policy.subject(claims), self._cache.expiry(exp), key.kid)

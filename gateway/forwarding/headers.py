@@ -96,6 +96,28 @@ class Forwarding:
     drop: frozenset[str]  # further normalised names: token headers, a decoded Content-Encoding
     token_scheme_drop: dict[str, tuple[bytes, ...]]  # name → values starting b"scheme " dropped
 
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        auth_status: str,
+        authenticated_user: str | None,
+        peer: str | None,
+        peer_trusted: bool,
+        scheme: bytes,
+        drop: frozenset[str],
+        token_scheme_drop: dict[str, tuple[bytes, ...]],
+    ) -> None:
+        self.request_id = request_id
+        self.auth_status = auth_status
+        self.authenticated_user = authenticated_user
+        self.peer = peer
+        self.peer_trusted = peer_trusted
+        self.scheme = scheme
+        self.drop = drop
+        self.token_scheme_drop = token_scheme_drop
+
 
 # Headers that name the client's address. Upstreams, their frameworks and their rate limiters
 # believe them (Flask's ProxyFix, nginx's real_ip, Cloudflare-aware apps), so from a client that

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from gateway.http.pool import ConnectionPool
 from gateway.http.response_reader import Head
-from gateway.http.upstream_connection import UpstreamConnection
+from gateway.http.upstream_connection import UpstreamConnection, encode_request
 
 PIECE_BYTES = 64 * 1024  # the most of a body read (and relayed) at once, whatever was declared
 
@@ -27,18 +27,6 @@ class Answer:
     @property
     def status(self) -> int:
         return self.head.status
-
-
-def encode_request(
-    method: str, target: str, host: str, header_lines: list[bytes], body: bytes
-) -> bytes:
-    """The request head, `header_lines` ("Name: value") as given, then the body."""
-    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode()
-    if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
-        end = b"\r\nContent-Length: %d\r\n\r\n" % len(body)
-    else:
-        end = b"\r\n\r\n"
-    return b"".join((start, b"\r\n".join(header_lines), end, body))
 
 
 class Client:

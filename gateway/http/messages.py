@@ -25,7 +25,9 @@ _request_numbers = itertools.count()
 
 
 def new_request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012x}"
+    # 12 hex digits of the count, wrapping after 2**48 requests. to_bytes().hex() rather than
+    # an f-string's `:012x`, which the compiled build formats in three times the time.
+    return _REQUEST_ID_PREFIX + (next(_request_numbers) & 0xFFFF_FFFF_FFFF).to_bytes(6).hex()
 
 
 _date_line: list[tuple[int, bytes]] = [(-1, b"")]  # formatted once a second
@@ -230,6 +232,22 @@ class Streamed:
 class Response:
     status: int
     headers: list[bytes]  # "Name: value" lines; the connection adds the framing ones
-    body: bytes = b""  # the whole body, or its first part when `stream` is set
-    close: bool = False  # the connection closes after this answer
-    stream: Streamed | None = None
+    body: bytes  # the whole body, or its first part when `stream` is set
+    close: bool  # the connection closes after this answer
+    stream: Streamed | None
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self,
+        status: int,
+        headers: list[bytes],
+        body: bytes = b"",
+        *,
+        close: bool = False,
+        stream: Streamed | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.close = close
+        self.stream = stream

@@ -18,6 +18,19 @@ from gateway.http.outbox import Outbox
 from gateway.http.response_reader import Head, ResponseReader
 
 
+def encode_request(
+    method: str, target: str, host: str, header_lines: list[bytes], body: bytes
+) -> bytes:
+    """What `UpstreamConnection.send` writes: the request head, `header_lines` ("Name:
+    value") as given, then the body."""
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode()
+    if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        end = b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    else:
+        end = b"\r\n\r\n"
+    return b"".join((start, b"\r\n".join(header_lines), end, body))
+
+
 class UpstreamConnection(asyncio.Protocol):
     READ_PAUSE_BYTES = 4 << 20  # stop reading from the socket past this much not yet taken
 

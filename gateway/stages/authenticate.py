@@ -8,7 +8,7 @@ counted against the session the request named even though the request itself was
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, TypeAlias
 
 from gateway.auth.body import NOT_READ, JsonBody
@@ -40,10 +40,23 @@ class AuthStatus:
 
 @dataclass(slots=True)
 class Attempt:
-    identity: Identity | None = None
-    session_id: str | None = None
-    token: FoundToken | None = None
-    verified: VerifiedToken | None = None
+    identity: Identity | None
+    session_id: str | None
+    token: FoundToken | None
+    verified: VerifiedToken | None
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self,
+        identity: Identity | None = None,
+        session_id: str | None = None,
+        token: FoundToken | None = None,
+        verified: VerifiedToken | None = None,
+    ) -> None:
+        self.identity = identity
+        self.session_id = session_id
+        self.token = token
+        self.verified = verified
 
 
 def check_api_key(project: Project, parts: RequestParts) -> None:
@@ -84,10 +97,18 @@ class Checked:
     """What the checks made of a request: the body to forward and the auth outcome."""
 
     body: bytes
-    decoded: bool = False  # the body was decompressed: it goes on without its Content-Encoding
-    status: str = AuthStatus.DISABLED
-    attempt: Attempt = field(default_factory=Attempt)
-    failure: Reason | None = None
+    decoded: bool  # the body was decompressed: it goes on without its Content-Encoding
+    status: str
+    attempt: Attempt
+    failure: Reason | None
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.decoded = False
+        self.status = AuthStatus.DISABLED
+        self.attempt = Attempt()
+        self.failure = None
 
     @property
     def token_fingerprint(self) -> str | None:

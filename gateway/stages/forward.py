@@ -37,6 +37,16 @@ class Outgoing:
     header_lines: list[bytes]
     body: bytes
 
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(
+        self, method: str, path: str, query: str | None, header_lines: list[bytes], body: bytes
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.header_lines = header_lines
+        self.body = body
+
 
 def outgoing(
     request: Request,

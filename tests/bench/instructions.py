@@ -14,7 +14,10 @@ slower path under valgrind than on the CPU, so token digests and session keys co
 
 Environment: INSTRUCTIONS_MODE (required; or disabled), INSTRUCTIONS_FEW (200),
 INSTRUCTIONS_MANY (1200), INSTRUCTIONS_CONNECTIONS (1: with more, how requests batch in the
-event loop changes the count from run to run), INSTRUCTIONS_BYPASS (0).
+event loop changes the count from run to run), INSTRUCTIONS_BYPASS (0), INSTRUCTIONS_FRESH (0;
+1: every counted request carries a token never seen before, so each pays a verification and a
+cache insertion). The build measured is the one Python imports: PYTHONPATH=$PWD/.venv/compiled:$PWD
+PYTHONSAFEPATH=1 before the command counts the compiled one.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.auth import verify
 from gateway.base.clock import SystemClock
 from gateway.runtime.process import GatewayServer, load_config
 from gateway.telemetry.logs import AccessLog
@@ -121,10 +125,11 @@ async def closed_loop(
     port = upstream_port if bypass else server.public_port
     lines = (workdir / "requests.tsv").read_text().splitlines()
     prepared = [_request(port, line) for line in lines]
+    fresh = [_request(port, line) for line in (workdir / "fresh.tsv").read_text().splitlines()]
 
-    async def send(total: int) -> None:
+    async def send(total: int, requests: list[bytes] = prepared) -> None:
         slices = [
-            [prepared[i % len(prepared)] for i in range(c, total, connections)]
+            [requests[i % len(requests)] for i in range(c, total, connections)]
             for c in range(connections)
         ]
         await asyncio.gather(*(_client(port, s) for s in slices if s))
@@ -135,7 +140,7 @@ async def closed_loop(
         refused = (workdir / "refused.tsv").read_text()
         await _client(port, [_request(port, refused)], status=b"401")
     await send(len(prepared))
-    await send(count)
+    await send(count, fresh or prepared)
     await server.stop()
     upstream.close()
 
@@ -160,8 +165,9 @@ def _count(workdir: Path, count: int, valgrind: str) -> int:
     return int(found.group(1))
 
 
-def prepare(workdir: Path) -> None:
-    """One key and one request file for both counts: key generation and signing vary in cost."""
+def prepare(workdir: Path, fresh: int) -> None:
+    """One key and one request file for both counts: key generation and signing vary in cost.
+    `fresh`: how many requests with tokens of their own to write besides (else none)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (workdir / "public.pem").write_bytes(
         key.public_key().public_bytes(
@@ -175,6 +181,10 @@ def prepare(workdir: Path) -> None:
     (workdir / "refused.tsv").write_text(f"{mallory}\t\t{outsider}")
     with (workdir / "requests.tsv").open("w") as out:
         for i in range(USERS):
+            user = dataset.user_name(i)
+            out.write(f"{dataset.sign_token(key, user, now)}\t\t{dataset.event_body(i, user)}\n")
+    with (workdir / "fresh.tsv").open("w") as out:
+        for i in range(USERS + 1, USERS + 1 + fresh):
             user = dataset.user_name(i)
             out.write(f"{dataset.sign_token(key, user, now)}\t\t{dataset.event_body(i, user)}\n")
 
@@ -195,7 +205,8 @@ def main() -> int:
     many = int(os.environ.get("INSTRUCTIONS_MANY", "1200"))
     with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
         workdir = Path(tmp)
-        prepare(workdir)
+        fresh = os.environ.get("INSTRUCTIONS_FRESH", "0") == "1"
+        prepare(workdir, max(few, many) if fresh else 0)
         try:
             counts = [_count(workdir, n, valgrind) for n in (few, many)]
         except BenchError as exc:
@@ -203,7 +214,12 @@ def main() -> int:
             return 1
     per_request = (counts[1] - counts[0]) / (many - few)
     mode = os.environ.get("INSTRUCTIONS_MODE", "required")
-    print(f"{per_request:,.0f} instructions per request (mode {mode}, {few} and {many} requests)")
+    build = "pure Python" if str(verify.__file__).endswith(".py") else "compiled"
+    tokens = "fresh tokens" if os.environ.get("INSTRUCTIONS_FRESH", "0") == "1" else "reused tokens"
+    print(
+        f"{per_request:,.0f} instructions per request (mode {mode}, {tokens}, {build} build, "
+        f"{few} and {many} requests)"
+    )
     return 0
 
 

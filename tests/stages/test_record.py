@@ -33,7 +33,8 @@ def bound(metrics: Metrics, config: CompiledConfig) -> BoundMetrics:
 def routed(config: CompiledConfig, **fields: object) -> Exchange:
     """An exchange for a request to the events route of project `app`."""
     route, _ = config.router.match("POST", EVENTS)
-    exchange = Exchange("req-1", route=route, project=config.project("app"), project_id="app")
+    exchange = Exchange("req-1", route=route, project=config.project("app"))
+    exchange.project_id = "app"
     for name, value in fields.items():
         setattr(exchange, name, value)
     return exchange
@@ -74,7 +75,9 @@ def test_counts_reach_the_registry_only_when_flushed(
 
 
 def test_an_unrouted_answer_is_counted_under_none(metrics: Metrics, bound: BoundMetrics) -> None:
-    observe(bound, metrics, Exchange("req-1", reason=Reason.ROUTE_NOT_FOUND), 404, 0.0)
+    exchange = Exchange("req-1")
+    exchange.reason = Reason.ROUTE_NOT_FOUND
+    observe(bound, metrics, exchange, 404, 0.0)
     labels = {"route": "_none", "project": "_none", "status": "404"}
     assert sample(metrics, "gateway_requests_total", labels) == 1
 
@@ -202,7 +205,8 @@ def test_a_routed_path_is_cut_to_128_characters(config: CompiledConfig) -> None:
 
 
 def test_an_unparsable_request_has_no_method_or_path() -> None:
-    exchange = Exchange("req-1", parsed=False, reason=Reason.HTTP_MALFORMED)
+    exchange = Exchange("req-1", parsed=False)
+    exchange.reason = Reason.HTTP_MALFORMED
     entry = access_entry(None, "", PEER, exchange, 400, 0.0, NOW)
     assert (entry["method"], entry["path"]) == (None, None)
     assert (entry["code"], entry["reason"]) == ("BAD_REQUEST", "http_malformed")

@@ -118,7 +118,8 @@ def test_a_method_not_allowed_lists_the_methods_allowed() -> None:
 
 
 def test_an_answer_to_a_listed_origin_carries_cors_headers() -> None:
-    exchange = Exchange("req-1", cors_headers={"Access-Control-Allow-Origin": ORIGIN})
+    exchange = Exchange("req-1")
+    exchange.cors_headers = {"Access-Control-Allow-Origin": ORIGIN}
     response = refusal(Reason.TOKEN_MISSING, exchange)
     assert headers_of(response)["access-control-allow-origin"] == ORIGIN
 
