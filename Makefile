@@ -17,7 +17,7 @@ COMPILED_TESTS := tests/stages tests/test_build.py tests/test_hot_path.py tests/
 	tests/test_decisions.py tests/test_trust_boundary.py tests/test_attacks.py \
 	tests/test_hostile.py tests/test_differential.py tests/test_server_protocol.py \
 	tests/test_upstream_parser.py tests/test_upstreams.py tests/test_routes.py tests/test_tls.py \
-	tests/test_counter.py tests/test_metrics.py tests/test_cli.py
+	tests/test_counter.py tests/test_metrics.py tests/test_cli.py tests/test_config.py
 CONFIG ?= config/gateway.yaml
 # Where `make run` serves the bundled sample tracking API (the gateway's UPSTREAM_URL follows).
 SAMPLE_API ?= 127.0.0.1:8000
