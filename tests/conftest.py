@@ -31,16 +31,16 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway import pipeline
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import load_settings
 from gateway.runtime.process import GatewayServer
 from gateway.telemetry.logs import AccessLog
+from gateway.tools.cli import installed_build
 from gateway.tools.sample_upstream import RECORDS_KEY, Received, make_sample_upstream
 
 # The request path is the compiled build's (`make test` runs part of the suite against it).
-COMPILED = not str(pipeline.__file__).endswith(".py")
+COMPILED = installed_build() == "compiled"
 NOW = 1_900_000_000.0  # the tests' "now": a fixed instant, moved explicitly
 T = TypeVar("T")
 

@@ -169,13 +169,13 @@ class _Version(argparse.Action):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            print(f"gateway {version(DISTRIBUTION)} ({_build()})")
+            print(f"gateway {version(DISTRIBUTION)} ({installed_build()})")
         except PackageNotFoundError:
             parser.exit(2, f"gateway: {DISTRIBUTION} is not installed (pip install -e .)\n")
         parser.exit()
 
 
-def _build() -> str:
+def installed_build() -> str:
     """Which build is installed: the request path compiled by mypyc (the wheel built with
     HATCH_BUILD_HOOK_ENABLE_MYPYC=1), or pure Python."""
     spec = find_spec("gateway.pipeline")

@@ -30,12 +30,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.auth import verify
 from gateway.auth.verified import VerifiedToken
 from gateway.auth.verify import TokenCache
 from gateway.base.clock import SystemClock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import parse_settings
+from gateway.tools.cli import installed_build
 
 USERS = 1_000_000
 SIZES = (10_000, 50_000, 100_000, 250_000, 500_000, 1_000_000)
@@ -158,7 +158,7 @@ def hit_rate_table() -> list[str]:
 def main() -> int:
     started = time.monotonic()
     per_entry, before, after = bytes_per_entry()
-    build = "pure Python" if str(verify.__file__).endswith(".py") else "compiled"
+    build = installed_build()
     print(
         f"verified-token cache ({build} build), {USERS:,} entries: {per_entry:.0f} bytes each; "
         f"process RSS {before:.0f} MiB -> {after:.0f} MiB"

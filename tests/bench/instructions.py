@@ -37,10 +37,10 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.auth import verify
 from gateway.base.clock import SystemClock
 from gateway.runtime.process import GatewayServer, load_config
 from gateway.telemetry.logs import AccessLog
+from gateway.tools.cli import installed_build
 from tests.bench import configs, dataset
 from tests.bench.procs import BenchError
 
@@ -214,7 +214,7 @@ def main() -> int:
             return 1
     per_request = (counts[1] - counts[0]) / (many - few)
     mode = os.environ.get("INSTRUCTIONS_MODE", "required")
-    build = "pure Python" if str(verify.__file__).endswith(".py") else "compiled"
+    build = installed_build()
     tokens = "fresh tokens" if os.environ.get("INSTRUCTIONS_FRESH", "0") == "1" else "reused tokens"
     print(
         f"{per_request:,.0f} instructions per request (mode {mode}, {tokens}, {build} build, "
