@@ -5,6 +5,9 @@
   strict decoder. Tested directly, against `json.loads` and an independent strict oracle.
 - Request header names are read normalised everywhere (`header_key`: lower case, `_` as `-`),
   so `Content_Encoding` and `X_Request_Id` mean what `Content-Encoding` and `X-Request-Id` do.
+- RS256/384/512 signatures are checked by encoding the expected PKCS#1 v1.5 block's DigestInfo
+  and comparing, after OpenSSL's raw public-key operation, instead of through its `verify`:
+  every forged block is held to OpenSSL's own `RSA_verify` verdict.
 - Upstream answer heads are parsed once per distinct head bytes; a HEAD answer's framing
   depends on the method, and hop-by-hop fields, the request id and `Date` must come out right on
   the cached path as on the first.
@@ -21,6 +24,7 @@ import base64
 import contextlib
 import gc
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -30,12 +34,16 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.verified import VerifiedToken
-from gateway.auth.verify import TokenCache, _b64decode, cache_key, token_digest
+from gateway.auth.verify import TokenCache, _b64decode, cache_key, cache_salt, token_digest
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
 from gateway.refusals.reasons import Reason, Rejected
@@ -365,6 +373,141 @@ async def test_a_refused_header_segment_is_refused_every_time(
         )
         assert refused.status == 401, refused.body
     assert upstream.received == []
+
+
+# === RS256/384/512: encode and compare ===========================================================
+
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# The same DigestInfo without its NULL parameters, which some readers also accept.
+SHA256_DIGEST_INFO_NO_NULL = bytes.fromhex("302f300b06096086480165030402010420")
+SHA1_DIGEST_INFO = bytes.fromhex("3021300906052b0e03021a05000414")
+MESSAGE = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9"
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def raw_signature(key: rsa.RSAPrivateKey, block: bytes) -> bytes:
+    """`block` through the private-key operation with no padding of its own: a signature over
+    whatever encoding the test builds."""
+    numbers = key.private_numbers()
+    n = numbers.public_numbers.n
+    return pow(int.from_bytes(block, "big"), numbers.d, n).to_bytes(len(block), "big")
+
+
+def pkcs1_block(content: bytes, *, block_type: bytes = b"\x01", filler: bytes = b"\xff") -> bytes:
+    return b"\x00" + block_type + filler * (256 - 3 - len(content)) + b"\x00" + content
+
+
+def openssl_verdict(key: rsa.RSAPrivateKey, alg: str, message: bytes, signature: bytes) -> bool:
+    """What OpenSSL's `RSA_verify` (cryptography's `verify`) says."""
+    hash_algorithm = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
+    try:
+        key.public_key().verify(signature, message, padding.PKCS1v15(), hash_algorithm[alg])
+    except InvalidSignature:
+        return False
+    return True
+
+
+def forged_signatures(key: rsa.RSAPrivateKey) -> dict[str, bytes]:
+    digest = hashlib.sha256(MESSAGE).digest()
+    n = key.public_key().public_numbers().n
+    return {
+        "sha1 digest info": raw_signature(key, pkcs1_block(SHA1_DIGEST_INFO + digest[:20])),
+        "digest info without NULL": raw_signature(
+            key, pkcs1_block(SHA256_DIGEST_INFO_NO_NULL + digest)
+        ),
+        "digest of other bytes": raw_signature(
+            key, pkcs1_block(SHA256_DIGEST_INFO + hashlib.sha256(b"other").digest())
+        ),
+        "byte after the digest": raw_signature(
+            key, pkcs1_block(SHA256_DIGEST_INFO + digest + b"\x00")
+        ),
+        "garbage before the digest info": raw_signature(
+            key, pkcs1_block(b"\x00" * 180 + SHA256_DIGEST_INFO + digest)
+        ),
+        "zero filler": raw_signature(key, pkcs1_block(SHA256_DIGEST_INFO + digest, filler=b"\0")),
+        "block type 2": raw_signature(
+            key, pkcs1_block(SHA256_DIGEST_INFO + digest, block_type=b"\x02")
+        ),
+        "block type 0": raw_signature(
+            key, pkcs1_block(SHA256_DIGEST_INFO + digest, block_type=b"\x00")
+        ),
+        "the modulus": n.to_bytes(256, "big"),
+        "past the modulus": (n + 1).to_bytes(256, "big"),
+        "zero": bytes(256),
+        "one": (1).to_bytes(256, "big"),
+        "all ones": b"\xff" * 256,
+        "one byte long": b"\x00" + raw_signature(key, pkcs1_block(SHA256_DIGEST_INFO + digest)),
+        "empty": b"",
+    }
+
+
+def test_a_signature_encoded_as_rs256_encodes_it_verifies(rsa_key: rsa.RSAPrivateKey) -> None:
+    """The block built here by hand is the one OpenSSL signs: the forgeries below differ from
+    it in one thing each."""
+    digest = hashlib.sha256(MESSAGE).digest()
+    signature = raw_signature(rsa_key, pkcs1_block(SHA256_DIGEST_INFO + digest))
+    assert signature == rsa_key.sign(MESSAGE, padding.PKCS1v15(), hashes.SHA256())
+    assert ALGORITHMS["RS256"].verify(rsa_key.public_key(), MESSAGE, signature)
+
+
+@pytest.mark.parametrize(
+    "forgery",
+    [
+        "sha1 digest info",
+        "digest info without NULL",
+        "digest of other bytes",
+        "byte after the digest",
+        "garbage before the digest info",
+        "zero filler",
+        "block type 2",
+        "block type 0",
+        "the modulus",
+        "past the modulus",
+        "zero",
+        "one",
+        "all ones",
+        "one byte long",
+        "empty",
+    ],
+)
+def test_a_forged_rs256_signature_is_refused_as_openssl_refuses_it(
+    rsa_key: rsa.RSAPrivateKey, forgery: str
+) -> None:
+    signature = forged_signatures(rsa_key)[forgery]
+    assert not openssl_verdict(rsa_key, "RS256", MESSAGE, signature)
+    assert not ALGORITHMS["RS256"].verify(rsa_key.public_key(), MESSAGE, signature)
+
+
+def test_a_signature_with_its_leading_zero_byte_dropped_is_refused(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    """One signature in 256 starts with a zero byte. Without it, the raw RSA operation reads
+    the same number; `RSA_verify` refuses a signature shorter than the modulus, and so must
+    we."""
+    message, signature = next(
+        (m, s)
+        for m in (MESSAGE + str(i).encode() for i in range(100_000))
+        if (s := rsa_key.sign(m, padding.PKCS1v15(), hashes.SHA256()))[0] == 0
+    )
+    assert ALGORITHMS["RS256"].verify(rsa_key.public_key(), message, signature)
+    assert not openssl_verdict(rsa_key, "RS256", message, signature[1:])
+    assert not ALGORITHMS["RS256"].verify(rsa_key.public_key(), message, signature[1:])
+
+
+@pytest.mark.parametrize("signed", ["RS256", "RS384", "RS512"])
+@pytest.mark.parametrize("checked", ["RS256", "RS384", "RS512"])
+def test_rs_signatures_verify_under_their_own_hash_only(
+    rsa_key: rsa.RSAPrivateKey, signed: str, checked: str
+) -> None:
+    hash_algorithm = {"RS256": hashes.SHA256(), "RS384": hashes.SHA384(), "RS512": hashes.SHA512()}
+    signature = rsa_key.sign(MESSAGE, padding.PKCS1v15(), hash_algorithm[signed])
+    verdict = ALGORITHMS[checked].verify(rsa_key.public_key(), MESSAGE, signature)
+    assert verdict == openssl_verdict(rsa_key, checked, MESSAGE, signature) == (signed == checked)
+    assert not ALGORITHMS[checked].verify(rsa_key.public_key(), MESSAGE + b"x", signature)
 
 
 # === request header names read normalised ========================================================
@@ -733,6 +876,37 @@ def test_a_segment_with_a_character_outside_base64url_is_malformed(
     assert refused.value.reason is Reason.TOKEN_MALFORMED
 
 
+def reference_b64url(segment: str) -> bytes | None:
+    """What `_b64decode` must do, written the slow way: only base64url characters, no
+    impossible length, and the one canonical spelling of the bytes; None when refused."""
+    if not all(c in B64URL_ALPHABET for c in segment) or len(segment) % 4 == 1:
+        return None
+    data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    return data if base64.urlsafe_b64encode(data).rstrip(b"=").decode() == segment else None
+
+
+B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@settings(max_examples=3000)
+@given(
+    st.text(
+        alphabet=st.sampled_from([*B64URL_ALPHABET, "+", "/", "=", " ", "\n", ".", "\x00", "é"]),
+        max_size=24,
+    )
+    | st.text(alphabet=B64URL_ALPHABET, max_size=24).map(lambda s: s + "=" * (len(s) % 3))
+)
+def test_a_segment_decodes_exactly_as_the_reference_reads_it(segment: str) -> None:
+    """Any text, mostly base64url with outsiders and padding mixed in: refused exactly when
+    the reference refuses it, and otherwise the same bytes."""
+    expected = reference_b64url(segment)
+    if expected is None:
+        with pytest.raises(Rejected):
+            _b64decode(segment)
+    else:
+        assert _b64decode(segment) == expected
+
+
 # === the verified-token cache ===================================================================
 
 
@@ -797,9 +971,11 @@ def test_a_cache_of_size_zero_keeps_nothing() -> None:
 
 def test_one_token_has_a_key_per_verifier() -> None:
     digest = token_digest("a.b.c")
-    assert cache_key(digest, b"one") != cache_key(digest, b"two")
-    assert cache_key(digest, b"one") == cache_key(token_digest("a.b.c"), b"one")
-    assert cache_key(token_digest("a.b.d"), b"one") != cache_key(digest, b"one")
+    one, two = cache_salt(b"one"), cache_salt(b"two")
+    assert cache_key(digest, one) != cache_key(digest, two)
+    assert cache_key(digest, one) == cache_key(token_digest("a.b.c"), cache_salt(b"one"))
+    assert cache_key(token_digest("a.b.d"), one) != cache_key(digest, one)
+    assert 0 <= cache_key(digest, one) < 2**128
 
 
 def test_tokens_with_one_expiry_share_one_float() -> None:

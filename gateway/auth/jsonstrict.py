@@ -83,6 +83,20 @@ def _holds(data: bytes, part: bytes) -> bool:
     return data.find(part) != -1
 
 
+# Below this, a document holds too few containers for a collection to matter, and pausing the
+# collector would cost more than reading it (a token's payload, a single event).
+_PAUSE_COLLECTOR_FROM = 2048
+
+
+def _orjson_loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        # Anything orjson refuses is refused: BOM, invalid UTF-8, NaN, lone surrogates (which
+        # readers repair in different ways), nesting past 1024 levels, and malformed text.
+        raise JSONRejected(f"malformed ({exc.msg})") from None
+
+
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
     if _holds(data.translate(_DIGITS_AS_ZEROS), _LONG_DIGIT_RUN) or (
@@ -90,20 +104,19 @@ def loads_strict(data: bytes) -> Any:
         and any(_holds(data, mark) for mark in _CONTROL_MARKS)
     ):
         return _loads_with_reasons(data)
-    # orjson builds a container per object and array; the cyclic collector, run every 700 of
-    # them, would cost as much again on a body of many small objects. Nothing it builds can be
-    # part of a cycle.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        # Anything orjson refuses is refused: BOM, invalid UTF-8, NaN, lone surrogates (which
-        # readers repair in different ways), nesting past 1024 levels, and malformed text.
-        raise JSONRejected(f"malformed ({exc.msg})") from None
-    finally:
-        if collecting:
-            gc.enable()
+    if len(data) < _PAUSE_COLLECTOR_FROM:
+        value = _orjson_loads(data)
+    else:
+        # orjson builds a container per object and array; the cyclic collector, run every 700
+        # of them, would cost as much again on a body of many small objects. Nothing it builds
+        # can be part of a cycle.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            value = _orjson_loads(data)
+        finally:
+            if collecting:
+                gc.enable()
     # orjson keeps the last of duplicate keys. Its re-encoding writes every colon as a colon:
     # the structural ones (one per member kept) and those inside strings, including the ones
     # the document escaped. So it holds as many colons as the document plus its escaped ones
