@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
+from gateway.auth.subject import _SUBJECT_TEXT, is_subject_text
 from gateway.auth.verified import VerifiedToken
 from gateway.auth.verify import TokenCache, _b64decode, cache_key, cache_salt, token_digest
 from gateway.base.memo import BoundedMemo
@@ -508,6 +509,20 @@ def test_rs_signatures_verify_under_their_own_hash_only(
     verdict = ALGORITHMS[checked].verify(rsa_key.public_key(), MESSAGE, signature)
     assert verdict == openssl_verdict(rsa_key, checked, MESSAGE, signature) == (signed == checked)
     assert not ALGORITHMS[checked].verify(rsa_key.public_key(), MESSAGE + b"x", signature)
+
+
+# === a token's user checked as text without the regex when ASCII ================================
+
+
+@pytest.mark.parametrize("code", range(0x80))
+def test_an_ascii_subject_is_text_exactly_when_the_regex_says_so(code: int) -> None:
+    for text in (chr(code), f"user-{chr(code)}", f"{chr(code)}user", chr(code) * 3):
+        assert is_subject_text(text) == (_SUBJECT_TEXT.fullmatch(text) is not None), repr(text)
+
+
+@pytest.mark.parametrize("text", ["", "é", "user\x85", "user\u200b", "\ud800", "ユーザー", " "])
+def test_a_subject_outside_the_ascii_shortcut_is_read_by_the_regex(text: str) -> None:
+    assert is_subject_text(text) == (_SUBJECT_TEXT.fullmatch(text) is not None)
 
 
 # === request header names read normalised ========================================================
