@@ -301,7 +301,19 @@ FUZZ = settings(
 )
 _TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "-", min_size=1, max_size=12)
 _VALUE = st.text(alphabet=string.ascii_letters + string.digits + " ;=,./", max_size=20)
-_RESERVED = {"content-length", "transfer-encoding", "connection", "keep-alive", "trailer"}
+# Framing and hop-by-hop fields (RFC 9110 §7.6.1): the reader leaves them out of the answer's
+# end-to-end lines, so a generated answer that names one expects it gone.
+_RESERVED = {
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "trailer",
+    "te",
+    "upgrade",
+    "proxy-connection",
+    "proxy-authenticate",
+}
 _SAFE_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+: [\t\x20-\x7e\x80-\xff]*")
 
 
