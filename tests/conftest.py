@@ -10,8 +10,10 @@ import asyncio
 import base64
 import contextlib
 import copy
+import itertools
 import json
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -478,11 +480,31 @@ def eventually_sync(
         time.sleep(interval)  # the poll interval, not a synchronisation point
 
 
+def _listening_ports() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, from a random start, each handed out once.
+
+    A port the kernel hands out for port 0 comes from the ephemeral range, where any outgoing
+    connection on the machine may take it before the service the test starts binds it (seen as
+    a gateway failing with "Address already in use"); below that range only listeners go."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low, high = 10_000, first_ephemeral if 10_000 < first_ephemeral < 32_768 else 32_768
+    start = low + secrets.randbelow(high - low)
+    for port in itertools.chain(range(start, high), range(low, start)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # something listens there, or a connection of its own holds it
+        yield port
+    raise RuntimeError(f"no free loopback port left in {low}-{high - 1}")
+
+
+_PORTS = _listening_ports()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port for a service a test starts; no other call returns it."""
+    return next(_PORTS)
 
 
 @pytest.fixture

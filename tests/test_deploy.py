@@ -18,7 +18,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import subprocess
 import sys
 import tomllib
@@ -29,7 +28,7 @@ from typing import Any
 import yaml
 
 from gateway.config.settings import parse_settings
-from tests.conftest import eventually_sync
+from tests.conftest import eventually_sync, free_port
 from tests.deploy_files import (
     DEPLOY,
     GRAFANA,
@@ -156,9 +155,7 @@ def test_a_running_gateway_exports_every_metric_the_rules_and_dashboard_use(
 ) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "demo.pem").write_bytes(public_key_pem())
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        admin_port = probe.getsockname()[1]
+    admin_port = free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
         f"""
