@@ -27,6 +27,7 @@ REQUEST_PATH = (
     "gateway.auth.extract",
     "gateway.http.connection",
     "gateway.http.parsing",
+    "gateway.http.client",
     "gateway.forwarding.headers",
     "gateway.stages.forward",
     "gateway.telemetry.logs",
@@ -45,6 +46,7 @@ PER_REQUEST_CLASSES = (
     "gateway.auth.body.JsonBody",
     "gateway.forwarding.headers.Forwarding",
     "gateway.http.messages.Response",
+    "gateway.http.client.Answer",
 )
 
 

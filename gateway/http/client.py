@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from gateway.http.answer_rest import PIECE_BYTES, rest_of_answer
 from gateway.http.pool import ConnectionPool
 from gateway.http.response_reader import Head
-from gateway.http.upstream_connection import UpstreamConnection, encode_request
-
-PIECE_BYTES = 64 * 1024  # the most of a body read (and relayed) at once, whatever was declared
+from gateway.http.upstream_connection import encode_request
 
 
 @dataclass(slots=True)
@@ -23,6 +22,12 @@ class Answer:
     head: Head
     body: bytes  # the whole body, or its first `buffer` bytes when `rest` is set
     rest: AsyncGenerator[bytes, None] | None
+
+    # Written out: mypyc compiles this one, not the one @dataclass would generate at import.
+    def __init__(self, head: Head, body: bytes, rest: AsyncGenerator[bytes, None] | None) -> None:
+        self.head = head
+        self.body = body
+        self.rest = rest
 
     @property
     def status(self) -> int:
@@ -62,12 +67,4 @@ class Client:
         except BaseException:
             self._pool.release(connection)  # not whole: closed, never reused
             raise
-        return Answer(head, bytes(buffered), self._rest(connection))
-
-    async def _rest(self, connection: UpstreamConnection) -> AsyncGenerator[bytes, None]:
-        """The answer past the buffer, still under the exchange's deadline."""
-        try:
-            while piece := await connection.read_some(PIECE_BYTES):
-                yield piece
-        finally:
-            self._pool.release(connection)
+        return Answer(head, bytes(buffered), rest_of_answer(self._pool, connection))
