@@ -178,7 +178,10 @@ def forward_headers(
     proxy = _FromTrustedProxy(connection_named) if forwarding.peer_trusted else None
     lines: list[bytes] = []
     host: bytes | None = None
-    for key, (raw_name, raw_value) in zip(keys, raw_headers, strict=True):
+    # By index rather than zip(..., strict=True), which the compiled build calls generically,
+    # keyword and all.
+    for index, key in enumerate(keys):
+        raw_name, raw_value = raw_headers[index]
         if key in _NOT_RELAYED:
             if key == "host":
                 host = raw_value if host is None else host
