@@ -41,8 +41,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.auth.algorithms import ALGORITHMS
+from gateway.auth.extract import _IDENTITY_TEXT, is_identity_text, walk_json
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
-from gateway.auth.subject import _SUBJECT_TEXT, is_subject_text
 from gateway.auth.verified import VerifiedToken
 from gateway.auth.verify import TokenCache, _b64decode, cache_key, cache_salt, token_digest
 from gateway.base.memo import BoundedMemo
@@ -516,13 +516,13 @@ def test_rs_signatures_verify_under_their_own_hash_only(
     assert not ALGORITHMS[checked].verify(rsa_key.public_key(), MESSAGE + b"x", signature)
 
 
-# === a token's user checked as text without the regex when ASCII ================================
+# === a user or session id checked as text without the regex when ASCII =========================
 
 
 @pytest.mark.parametrize("code", range(0x80))
-def test_an_ascii_subject_is_text_exactly_when_the_regex_says_so(code: int) -> None:
+def test_an_ascii_id_is_text_exactly_when_the_regex_says_so(code: int) -> None:
     for text in (chr(code), f"user-{chr(code)}", f"{chr(code)}user", chr(code) * 3):
-        assert is_subject_text(text) == (_SUBJECT_TEXT.fullmatch(text) is not None), repr(text)
+        assert is_identity_text(text) == (_IDENTITY_TEXT.fullmatch(text) is not None), repr(text)
 
 
 @pytest.mark.parametrize(
@@ -539,10 +539,8 @@ def test_an_ascii_subject_is_text_exactly_when_the_regex_says_so(code: int) -> N
         ("é\x00", False),
     ],
 )
-def test_a_subject_outside_the_ascii_shortcut_is_read_by_the_regex(
-    text: str, expected: bool
-) -> None:
-    assert is_subject_text(text) is expected
+def test_an_id_outside_the_ascii_shortcut_is_read_by_the_regex(text: str, expected: bool) -> None:
+    assert is_identity_text(text) is expected
 
 
 # === request header names read normalised ========================================================
@@ -1018,3 +1016,18 @@ def test_tokens_with_one_expiry_share_one_float() -> None:
     first, second = cache.expiry(float(2_000_000_000)), cache.expiry(float(2_000_000_000))
     assert first == second == 2e9
     assert first is second
+
+
+# === JSON keys case-folded once each ============================================================
+
+
+def test_a_case_variant_key_is_refused_however_many_keys_came_before_it() -> None:
+    # More distinct keys than the case-fold memo holds, so it starts afresh part-way through;
+    # the variant after them (a long s, which folds to s) is still a second reading.
+    users: dict[str, Any] = {f"key-{i}": i for i in range(10_000)}
+    users["registered"] = "alice"
+    assert walk_json({"customer_ids": users}, ("customer_ids", "registered")) == ["alice"]
+    users["regi\u017ftered"] = "mallory"
+    with pytest.raises(Rejected) as refused:
+        walk_json({"customer_ids": users}, ("customer_ids", "registered"))
+    assert refused.value.reason is Reason.CASE_VARIANT_KEY

@@ -102,9 +102,9 @@ def _orjson_loads(data: bytes) -> Any:
 def loads_strict(data: bytes) -> Any:
     """Parse exactly one JSON value from UTF-8 bytes, or raise `JSONRejected`."""
     marked = data.translate(_MARK_DIGITS_AND_DEL)
-    escapes = _holds(marked, b"\\")  # (or a DEL) none in most events: nothing is escaped
+    may_escape = _holds(marked, b"\\")  # a backslash or DEL; without one, nothing is escaped
     if _holds(marked, _LONG_DIGIT_RUN) or (
-        escapes and any(_holds(data, mark) for mark in _CONTROL_MARKS)
+        may_escape and any(_holds(data, mark) for mark in _CONTROL_MARKS)
     ):
         return _loads_with_reasons(data)
     if len(data) < _PAUSE_COLLECTOR_FROM:
@@ -127,7 +127,7 @@ def loads_strict(data: bytes) -> Any:
     # escape: counted, it can only make a document look as if it lost a member, so such a
     # document is read again by the strict decoder.)
     expected = data.count(b":")
-    escapes_colon = escapes and _holds(data, b"\\u003")
+    escapes_colon = may_escape and _holds(data, b"\\u003")
     if escapes_colon:
         expected += data.count(b"\\u003a") + data.count(b"\\u003A")
     try:
