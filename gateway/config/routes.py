@@ -72,7 +72,8 @@ class Route:
     watched_headers: frozenset[str] = field(init=False)
     # What `forward_token: false` strips: whole headers, scheme-matched values, query parameters.
     token_header_drop: frozenset[str] = field(init=False)
-    # name → b"scheme " prefixes; derived from `token`, so left out of equality and hashing
+    # name → b"scheme " prefixes, longest last; derived from `token`, so left out of equality
+    # and hashing
     token_scheme_drop: dict[str, tuple[bytes, ...]] = field(init=False, compare=False, hash=False)
     token_query_drop: frozenset[str] = field(init=False)
 
@@ -95,7 +96,8 @@ class Route:
         schemes: dict[str, tuple[bytes, ...]] = {}
         for source in headers:
             if source.scheme is not None:
-                schemes[source.name] = (*schemes.get(source.name, ()), f"{source.scheme} ".encode())
+                prefixes = (*schemes.get(source.name, ()), f"{source.scheme} ".encode())
+                schemes[source.name] = tuple(sorted(prefixes, key=len))
         set_(self, "token_scheme_drop", schemes)
         set_(
             self,

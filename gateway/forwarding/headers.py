@@ -190,11 +190,18 @@ def forward_headers(
             continue
         if key in drop or key in connection_named:
             continue
-        if key in scheme_drop and raw_value.strip().lower().startswith(scheme_drop[key]):
+        if key in scheme_drop and _has_scheme(raw_value, scheme_drop[key]):
             continue
         lines.append(raw_name + b": " + raw_value)
     lines += _added_lines(forwarding, proxy, host)
     return lines
+
+
+def _has_scheme(value: bytes, schemes: tuple[bytes, ...]) -> bool:
+    """Whether `value` starts with one of `schemes` (lower case, longest last) in any case.
+    Only as much of it as the longest scheme is lowered, not the token of hundreds of bytes
+    that follows."""
+    return value.strip()[: len(schemes[-1])].lower().startswith(schemes)
 
 
 def _added_lines(

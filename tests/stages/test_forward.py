@@ -10,10 +10,12 @@ import gzip
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from gateway.auth.target import Target
+from gateway.base.clock import ManualClock
 from gateway.config.compiled import CompiledConfig
 from gateway.config.settings import UpstreamSettings
 from gateway.forwarding.upstream import Upstream
@@ -26,8 +28,18 @@ from gateway.stages.authenticate import AuthStatus, Checked, check
 from gateway.stages.exchange import Exchange
 from gateway.stages.forward import Outgoing, exchange_with, outgoing, relayed
 from gateway.telemetry.metrics import Metrics, Timings
-from tests.conftest import NOW, Tokens
-from tests.stages.support import EVENTS, ORIGIN, PEER, check_inputs, json_post, make_request, sample
+from tests.conftest import NOW, KeyPair, Tokens
+from tests.stages.support import (
+    CONFIG,
+    EVENTS,
+    ORIGIN,
+    PEER,
+    check_inputs,
+    compile_yaml,
+    json_post,
+    make_request,
+    sample,
+)
 
 ALICE = b'{"customer_ids": {"registered": "alice"}}'
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -119,6 +131,27 @@ async def test_an_authorization_of_another_scheme_is_forwarded(
     )
     out = sent(config, await prepared(config, request))
     assert named(out.header_lines, b"Authorization") == [b"Basic dXNlcjpwdw=="]
+
+
+async def test_an_authorization_of_either_token_scheme_is_not_forwarded(
+    tmp_path: Path, clock: ManualClock, key_a: KeyPair, tokens: Tokens
+) -> None:
+    # Two schemes of different lengths on one header: each is matched in any case and after
+    # leading whitespace, the shorter one included, and only a whole scheme and its space.
+    bearer = "  - header: Authorization\n    scheme: Bearer\n"
+    text = CONFIG.replace(bearer, bearer + "  - header: Authorization\n    scheme: JWT\n")
+    assert text != CONFIG
+    config = compile_yaml(tmp_path, text, clock, {"a.pem": key_a})
+    token = tokens.good("alice")
+    for value in (f"bearer {token}", f"JWT {token}", f"  jwt  {token}"):
+        request = json_post(EVENTS, ALICE, [("Authorization", value)])
+        out = sent(config, await prepared(config, request))
+        assert named(out.header_lines, b"X-Auth-Status") == [b"verified"], value
+        assert named(out.header_lines, b"Authorization") == [], value
+    for value in ("JWTs dXNlcjpwdw==", "Basic dXNlcjpwdw=="):
+        request = json_post(EVENTS, ALICE, [("X-Sdk-Auth-Token", token), ("Authorization", value)])
+        out = sent(config, await prepared(config, request))
+        assert named(out.header_lines, b"Authorization") == [value.encode()]
 
 
 async def test_the_client_address_is_the_peer_unless_a_trusted_proxy_says_more(
