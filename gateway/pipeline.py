@@ -19,6 +19,7 @@ from functools import partial
 
 from gateway.auth.extract import RequestParts, collect_headers
 from gateway.auth.jwks import JwksRefresher
+from gateway.auth.verified import token_kid
 from gateway.base import traced
 from gateway.base.clock import Clock
 from gateway.base.traced import SpanOpener
@@ -224,7 +225,7 @@ class Pipeline:
         if attempt.verified is None or project is None:
             return
         # Keys fetched from a JWKS URL share one label: their ids are not the config's.
-        key_use = bound.key_uses.get((project.label, attempt.verified.kid))
+        key_use = bound.key_uses.get((project.label, token_kid(attempt.verified)))
         (key_use or bound.key_uses[project.label, JWKS_URL_KID]).inc()
         session = session_of(project, exchange.project_id or "", attempt, exchange.client)
         if self.counter.may_hold(session_hint(session)):

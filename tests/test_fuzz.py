@@ -44,7 +44,7 @@ from gateway.auth.extract import (
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.subject import IdMapSubject, ScalarSubject
 from gateway.auth.target import parse_target
-from gateway.auth.verified import VerifiedToken
+from gateway.auth.verified import VerifiedToken, token_exp, token_kid, token_user
 from gateway.auth.verify import TokenVerifier
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import CompiledConfig, compile_config
@@ -863,15 +863,16 @@ def assert_acceptable(token: str, verified: VerifiedToken, key: rsa.RSAPublicKey
     exp = payload["exp"]
     assert numeric_date(exp)
     assert exp + LEEWAY > NOW
-    assert verified.exp == exp
+    assert token_exp(verified) == exp
     for claim in ("nbf", "iat"):
         if claim in payload:
             assert numeric_date(payload[claim])
             assert payload[claim] <= NOW + LEEWAY
-    assert payload["sub"] == {"key": "uid", "value": verified.user}
-    assert isinstance(verified.user, str)
-    assert verified.user
-    assert verified.kid == "key-a"
+    user = token_user(verified)
+    assert payload["sub"] == {"key": "uid", "value": user}
+    assert isinstance(user, str)
+    assert user
+    assert token_kid(verified) == "key-a"
 
 
 def verify_or_refuse(verifier: TokenVerifier, token: str) -> VerifiedToken | None:
@@ -982,9 +983,9 @@ def test_verifier_accepts_every_well_formed_token(
     payload_bytes = json.dumps(payload, ensure_ascii=ascii_only).encode()
     token = sign_raw(header_bytes, payload_bytes, key_a, alg)
     verified = verifier.verify(token)
-    assert verified.user == user
-    assert verified.exp == NOW + ttl
-    assert verified.kid == "key-a"
+    assert token_user(verified) == user
+    assert token_exp(verified) == NOW + ttl
+    assert token_kid(verified) == "key-a"
 
 
 # --- config loading -------------------------------------------------------------------------------

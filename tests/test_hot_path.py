@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.extract import _IDENTITY_TEXT, is_identity_text, walk_json
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
-from gateway.auth.verified import VerifiedToken
+from gateway.auth.verified import VerifiedToken, token_user, verified_token
 from gateway.auth.verify import TokenCache, _b64decode, cache_key, cache_salt, token_digest
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
@@ -943,13 +943,33 @@ def test_a_segment_decodes_exactly_as_the_reference_reads_it(segment: str) -> No
 # === the verified-token cache ===================================================================
 
 
+class _CountedUser(str):
+    """A user id the collector tracks (it has a `__dict__`), so the entries holding one can be
+    counted; a plain string's entries are not tracked at all (see below)."""
+
+
 def verified(user: str) -> VerifiedToken:
-    return VerifiedToken(user=user, exp=0.0, kid="k")
+    return verified_token(_CountedUser(user), 0.0, "k")
 
 
 def live_entries() -> int:
     gc.collect()
-    return sum(isinstance(o, VerifiedToken) for o in gc.get_objects())
+    return sum(isinstance(o, _CountedUser) for o in gc.get_objects())
+
+
+def test_cached_entries_of_string_users_are_left_alone_by_the_collector() -> None:
+    """After one collection the collector no longer tracks an entry of strings and a float, so
+    a full cache adds nothing to the collector's later passes; an entry whose user is a mapping
+    (an `id_map` subject) stays tracked, as it must."""
+    cache = TokenCache(100)
+    entries = [verified_token(f"user-{n}", float(n), "k") for n in range(50)]
+    mapped = verified_token({"uid": "alice"}, 0.0, "k")
+    for n, entry in enumerate([*entries, mapped]):
+        cache.put(n, entry)
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in entries)
+    assert gc.is_tracked(mapped)
+    assert all(cache.get(n) is entry for n, entry in enumerate(entries))
 
 
 def test_a_token_used_again_and_again_stays_while_one_off_tokens_come_and_go() -> None:
@@ -966,7 +986,7 @@ def test_a_token_used_again_and_again_stays_while_one_off_tokens_come_and_go() -
     assert cache.get(1) is None  # long since dropped
     found = cache.get(50_000)
     assert found is not None
-    assert found.user == "one-off-50000"
+    assert token_user(found) == "one-off-50000"
 
 
 def test_the_cache_holds_between_half_its_bound_and_its_bound_and_frees_what_it_drops() -> None:

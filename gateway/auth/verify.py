@@ -19,7 +19,7 @@ import pybase64
 from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.keys import KeySet, VerificationKey
-from gateway.auth.verified import VerifiedToken
+from gateway.auth.verified import VerifiedToken, token_exp, verified_token
 from gateway.base import traced
 from gateway.base.clock import Clock
 from gateway.base.hashing import sha256
@@ -241,7 +241,7 @@ class TokenVerifier:
         key = cache_key(digest or token_digest(token), self._cache_salt)
         cached = self._cache.get(key)
         if cached is not None:
-            if self._clock.now() < cached.exp + self.policy.leeway:
+            if self._clock.now() < token_exp(cached) + self.policy.leeway:
                 return cached
             self._cache.discard(key)
         opener = traced.current.get()
@@ -275,7 +275,7 @@ class TokenVerifier:
         claims = _json_object(payload)
         exp = self._check_times(claims)
         self._check_audience_issuer(claims)
-        return VerifiedToken(self.policy.subject(claims), self._cache.expiry(exp), key.kid)
+        return verified_token(self.policy.subject(claims), self._cache.expiry(exp), key.kid)
 
     def _select_keys(self, header: dict[str, Any]) -> tuple[Any, tuple[VerificationKey, ...]]:
         if "alg" not in header:

@@ -21,7 +21,7 @@ from gateway.auth.extract import (
 )
 from gateway.auth.subject import Identity
 from gateway.auth.target import Target
-from gateway.auth.verified import VerifiedToken
+from gateway.auth.verified import VerifiedToken, token_user
 from gateway.config.projects import Project
 from gateway.config.routes import API_KEY_SOURCE, Route
 from gateway.config.settings import LimitsSettings
@@ -85,7 +85,7 @@ def authenticate(
         raise Rejected(Reason.KEYS_UNAVAILABLE)
     verified = project.verifier.verify(attempt.token.token, attempt.token.digest)
     if attempt.identity is not None and not project.subject.authorises(
-        attempt.identity, verified.user
+        attempt.identity, token_user(verified)
     ):
         raise Rejected(Reason.SUBJECT_MISMATCH)
     attempt.verified = verified

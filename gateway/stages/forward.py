@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.auth.target import Target
+from gateway.auth.verified import token_exp, token_user
 from gateway.base import traced
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
@@ -63,7 +64,7 @@ def outgoing(
     forwarding = Forwarding(
         request_id=exchange.request_id,
         auth_status=status,
-        authenticated_user=project.subject.header(checked.attempt.identity, verified.user)
+        authenticated_user=project.subject.header(checked.attempt.identity, token_user(verified))
         if verified
         else None,
         peer=request.remote,
@@ -130,7 +131,7 @@ def relayed(
     if verified is not None:
         project: Project | None = exchange.project
         assert project is not None
-        expires_in = verified.exp - now
+        expires_in = token_exp(verified) - now
         if expires_in <= project.expiry_warning_seconds:
             owned.append(("X-Auth-Warning", "TOKEN_ABOUT_TO_EXPIRE"))
             owned.append(("X-Auth-Token-Expires-In", str(max(0, math.floor(expires_in)))))

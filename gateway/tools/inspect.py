@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.auth.subject import Identity
+from gateway.auth.verified import token_kid, token_user
 from gateway.base.clock import ManualClock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import LoadedConfig
@@ -62,7 +63,7 @@ def verdict(
         verified = project.verifier.verify(token)
     except Rejected as refused:
         return Verdict(refused.reason.code.name, refused.reason.phrase)
-    if identity is not None and not project.subject.authorises(identity, verified.user):
+    if identity is not None and not project.subject.authorises(identity, token_user(verified)):
         mismatch = Reason.SUBJECT_MISMATCH
         return Verdict(mismatch.code.name, mismatch.phrase)
-    return Verdict("VERIFIED", "ok", verified.user, verified.kid)
+    return Verdict("VERIFIED", "ok", token_user(verified), token_kid(verified))

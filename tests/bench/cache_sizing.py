@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.auth.verified import VerifiedToken
+from gateway.auth.verified import verified_token
 from gateway.auth.verify import TokenCache
 from gateway.base.clock import SystemClock
 from gateway.config.compiled import compile_config
@@ -116,7 +116,7 @@ def zipf_stream(exponent: float, length: int) -> list[int]:
 
 
 def two_generation_hits(stream: list[int], size: int) -> float:
-    cache, token, hits = TokenCache(size), VerifiedToken("u", 0.0, "k"), 0
+    cache, token, hits = TokenCache(size), verified_token("u", 0.0, "k"), 0
     for index, user in enumerate(stream):
         if cache.get(user) is None:
             cache.put(user, token)

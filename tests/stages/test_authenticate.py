@@ -12,6 +12,7 @@ import json
 import pytest
 
 from gateway.auth.extract import RequestParts
+from gateway.auth.verified import token_exp, token_kid, token_user
 from gateway.config.compiled import CompiledConfig
 from gateway.http.messages import Request
 from gateway.refusals.reasons import Reason, Rejected
@@ -192,7 +193,8 @@ async def test_a_token_for_the_user_named_is_verified(
     assert result.status == AuthStatus.VERIFIED
     verified = result.attempt.verified
     assert verified is not None
-    assert (verified.user, verified.kid, verified.exp) == ("alice", "key-a", int(NOW + 3600))
+    user, kid, exp = token_user(verified), token_kid(verified), token_exp(verified)
+    assert (user, kid, exp) == ("alice", "key-a", int(NOW + 3600))
     assert result.token_fingerprint == hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
