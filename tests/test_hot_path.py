@@ -972,6 +972,25 @@ def test_cached_entries_of_string_users_are_left_alone_by_the_collector() -> Non
     assert all(cache.get(n) is entry for n, entry in enumerate(entries))
 
 
+def test_new_entries_do_not_pile_up_in_the_collectors_youngest_generation() -> None:
+    """While a dropped generation is freed, two entries an insertion, the collector's own
+    trigger stays off; the cache runs the youngest generation's pass itself, so new entries do
+    not wait for it by the ten thousand. (Thresholds as `gateway run` sets them.)"""
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(10_000, 50, 50)
+    try:
+        cache = TokenCache(200_000)
+        most = 0
+        for n in range(260_000):  # rotations at 100,000 and 200,000, then 50,000 freed
+            cache.put(n, verified_token(f"user-{n}", 0.0, "k"))
+            if n % 1000 == 0:
+                most = max(most, len(gc.get_objects(generation=0)))
+    finally:
+        gc.set_threshold(*thresholds)
+    assert most < 20_000
+
+
 def test_a_token_used_again_and_again_stays_while_one_off_tokens_come_and_go() -> None:
     """The heavy user's token is used once per 100 new tokens; 50,000 one-off users pass
     through a cache of 1,000 and it is still there. What nobody used since is gone."""
