@@ -6,17 +6,12 @@ import time
 
 
 class Clock:
-    """A base class rather than a Protocol: the compiled build calls a method of a class it
-    knows through its vtable, and a Protocol's through a generic attribute lookup and call,
-    several times a request."""
+    """The system's clock; `ManualClock` overrides it. A class the clocks derive from rather
+    than a Protocol: the compiled build calls a method of a class it knows through its vtable,
+    and a Protocol's through a generic attribute lookup and call, several times a request."""
 
     def now(self) -> float:
         """Seconds since the epoch: compared with `exp`, `nbf`, `iat` and counter windows."""
-        raise NotImplementedError
-
-
-class SystemClock(Clock):
-    def now(self) -> float:
         return time.time()
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.auth.jwks import JwksRefresher
 from gateway.auth.verify import TokenCache
-from gateway.base.clock import Clock, SystemClock
+from gateway.base.clock import Clock
 from gateway.base.tasks import spawn
 from gateway.config.compiled import CompiledConfig, load_and_compile
 from gateway.config.routes import DEFAULT_UPSTREAM
@@ -102,7 +102,7 @@ class GatewayServer:
         public_socket: socket.socket | None = None,
         admin_socket: socket.socket | None = None,
     ) -> None:
-        self.clock = clock or SystemClock()
+        self.clock = clock or Clock()
         self.outbox = Outbox(asyncio.get_running_loop())
         self.metrics = Metrics()
         config.token_cache.observe(self.metrics.cache_hit.inc, self.metrics.cache_miss.inc)
@@ -298,7 +298,7 @@ class GatewayServer:
 
 
 async def serve(path: Path) -> None:
-    server = GatewayServer(load_config(path, SystemClock()))
+    server = GatewayServer(load_config(path, Clock()))
     for warning in server.config.warnings:
         log.warning("config warning", extra={"fields": {"warning": str(warning)}})
     await server.start()

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from gateway.base.clock import SystemClock
+from gateway.base.clock import Clock
 from gateway.base.tasks import spawn
 from gateway.config.compiled import CompiledConfig
 from gateway.config.settings import ConfigError
@@ -131,7 +131,7 @@ class Supervisor:
     def reload(self) -> tuple[bool, str, list[str]]:
         """Validate once; if good, every worker reloads the same file."""
         try:
-            candidate = load_config(self.path, SystemClock())
+            candidate = load_config(self.path, Clock())
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
         else:
@@ -241,7 +241,7 @@ def _add_guarded(app: web.Application, supervisor: Supervisor, reload: AdminHand
 async def supervise(path: Path, count: int) -> int:
     runtime = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
     try:
-        config = load_config(path, SystemClock())
+        config = load_config(path, Clock())
         # Both addresses are taken before any worker starts: a busy one stops everything.
         supervisor = Supervisor(path, count, runtime, config, bind(config.settings.listen))
         admin_socket = bind(config.settings.admin_listen)
@@ -310,7 +310,7 @@ def _exit_with_parent() -> None:
 async def serve_worker(path: Path, admin_port_file: Path) -> None:
     """One worker: the ordinary server, its admin listener on a loopback port for the parent."""
     _exit_with_parent()
-    config = load_config(path, SystemClock())
+    config = load_config(path, Clock())
     logging.getLogger().setLevel(config.settings.log_level.upper())
     server = GatewayServer(
         config, public_socket=inherited_listener(), admin_socket=bind("127.0.0.1:0")

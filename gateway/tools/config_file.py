@@ -26,10 +26,10 @@ def config_path(args: argparse.Namespace) -> Path:
 
 
 def load(path: Path) -> CompiledConfig:
-    from gateway.base.clock import SystemClock
+    from gateway.base.clock import Clock
     from gateway.runtime.process import load_config
 
-    return load_config(path, SystemClock())
+    return load_config(path, Clock())
 
 
 def print_problems(path: Path, error: ConfigError) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.base.clock import SystemClock
+from gateway.base.clock import Clock
 from gateway.http.sockets import bind
 from gateway.runtime.process import GatewayServer, load_config
 from gateway.tools.sample_upstream import make_sample_upstream
@@ -85,7 +85,7 @@ async def run_demo(listen: str, admin: str, upstream_port: int) -> None:
         await upstream.setup()
         await web.SockSite(upstream, bind(f"127.0.0.1:{upstream_port}")).start()
         config_path = _demo_config(directory, listen, admin, upstream_port)
-        server = GatewayServer(load_config(config_path, SystemClock()))
+        server = GatewayServer(load_config(config_path, Clock()))
         await server.start()
         now = int(time.time())
         sub = {"key": "uid", "value": "alice"}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from gateway.auth.verified import verified_token
 from gateway.auth.verify import TokenCache
-from gateway.base.clock import SystemClock
+from gateway.base.clock import Clock
 from gateway.config.compiled import compile_config
 from gateway.config.settings import parse_settings
 from gateway.tools.cli import installed_build
@@ -95,7 +95,7 @@ def bytes_per_entry(count: int = USERS) -> tuple[float, float, float]:
             }
         ],
     }
-    compiled = compile_config(parse_settings(raw, Path("bench.yaml"), {}), SystemClock())
+    compiled = compile_config(parse_settings(raw, Path("bench.yaml"), {}), Clock())
     verifier = compiled.projects["bench"].verifier
     assert verifier is not None
     now = int(time.time())

@@ -37,7 +37,7 @@ import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.base.clock import SystemClock
+from gateway.base.clock import Clock
 from gateway.runtime.process import GatewayServer, load_config
 from gateway.telemetry.logs import AccessLog
 from gateway.tools.cli import installed_build
@@ -120,7 +120,7 @@ async def closed_loop(
     )
     settings["listen"] = settings["admin_listen"] = "127.0.0.1:0"
     config = configs.write_yaml(workdir / "gateway.yaml", settings)
-    server = GatewayServer(load_config(config, SystemClock()), access_log=AccessLog(log))
+    server = GatewayServer(load_config(config, Clock()), access_log=AccessLog(log))
     await server.start()
     port = upstream_port if bypass else server.public_port
     lines = (workdir / "requests.tsv").read_text().splitlines()
