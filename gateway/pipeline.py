@@ -12,16 +12,16 @@ compiled config and its bound metrics), and records every answer in the metrics 
 from __future__ import annotations
 
 import logging
-import time
 from contextvars import Token
 from dataclasses import dataclass
 from functools import partial
+from typing import Final
 
 from gateway.auth.extract import RequestParts, collect_headers
 from gateway.auth.jwks import JwksRefresher
 from gateway.auth.verified import token_kid
 from gateway.base import traced
-from gateway.base.clock import Clock
+from gateway.base.clock import Clock, perf_counter
 from gateway.base.traced import SpanOpener
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
@@ -44,9 +44,9 @@ from gateway.telemetry.logs import AccessLog
 from gateway.telemetry.metrics import BoundMetrics, Metrics
 from gateway.telemetry.tracing import Tracing, end_server_span
 
-log = logging.getLogger("gateway.server")
+log: Final = logging.getLogger("gateway.server")
 
-JWKS_URL_KID = "_jwks_url"  # the key label of every key fetched from a JWKS URL
+JWKS_URL_KID: Final = "_jwks_url"  # the key label of every key fetched from a JWKS URL
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,7 @@ class Pipeline:
     # --- what the listener calls -----------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        started = time.perf_counter()
+        started = perf_counter()
         exchange = Exchange(request_id(request))
         serving = self.serving
         bound = serving.bound
@@ -150,7 +150,7 @@ class Pipeline:
         )
         reason = Reason.HTTP_VERSION_UNSUPPORTED if version_unsupported else Reason.HTTP_MALFORMED
         response = refusal(reason, exchange)
-        started = time.perf_counter()
+        started = perf_counter()
         self._record(None, "", remote, self.serving.bound, exchange, response.status, started)
         return response
 

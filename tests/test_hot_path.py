@@ -25,6 +25,7 @@ import contextlib
 import gc
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,14 @@ from gateway.auth.algorithms import ALGORITHMS
 from gateway.auth.extract import _IDENTITY_TEXT, is_identity_text, walk_json
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.auth.verified import VerifiedToken, token_user, verified_token
-from gateway.auth.verify import TokenCache, _b64decode, cache_key, cache_salt, token_digest
+from gateway.auth.verify import (
+    TokenCache,
+    _b64decode,
+    _compact_segments,
+    cache_key,
+    cache_salt,
+    token_digest,
+)
 from gateway.base.memo import BoundedMemo
 from gateway.http.messages import header_key
 from gateway.refusals.reasons import Reason, Rejected
@@ -869,6 +877,24 @@ def test_a_memo_never_holds_more_than_its_size_and_keeps_what_it_was_given() -> 
         assert len(memo) <= 3
         assert memo.get(f"k{i}") == i  # the newest is always there
     assert memo.get("k0") is None  # long since dropped
+
+
+# --- compact segments: found by the dots ------------------------------------------------------
+
+
+def test_a_token_has_three_segments_exactly_when_split_finds_three_non_empty_ones() -> None:
+    """Every string of up to eight letters and dots: the dots found one by one agree with
+    splitting at every dot (no empty header, payload or signature, no fourth segment)."""
+    for length in range(9):
+        for letters in itertools.product("a.", repeat=length):
+            token = "".join(letters)
+            segments = token.split(".")
+            if len(segments) == 3 and all(segments):
+                assert _compact_segments(token) == tuple(segments)
+            else:
+                with pytest.raises(Rejected) as refused:
+                    _compact_segments(token)
+                assert refused.value.reason is Reason.TOKEN_MALFORMED
 
 
 # --- base64url segments: the canonical check by the last character -----------------------------

@@ -12,7 +12,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import cast
+from typing import Final, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -57,7 +57,7 @@ def _checked(check: Callable[[object, bytes, bytes], None]) -> Verify:
 
 
 # RFC 8017 §9.2, note 1: the DER of a DigestInfo up to the digest itself.
-_DIGEST_INFO_PREFIX = {
+_DIGEST_INFO_PREFIX: Final = {
     256: bytes.fromhex("3031300d060960864801650304020105000420"),
     384: bytes.fromhex("3041300d060960864801650304020205000430"),
     512: bytes.fromhex("3051300d060960864801650304020305000440"),
@@ -178,4 +178,4 @@ def _table() -> dict[str, Algorithm]:
     return {a.name: a for a in algorithms}
 
 
-ALGORITHMS: dict[str, Algorithm] = _table()
+ALGORITHMS: Final[dict[str, Algorithm]] = _table()

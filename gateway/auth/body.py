@@ -14,14 +14,18 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gateway.auth.extract import Walked, walk_all
 from gateway.auth.jsonstrict import JSONRejected, loads_strict
 from gateway.base.memo import BoundedMemo
 from gateway.refusals.reasons import Reason, Rejected
 
-_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_WBITS: Final = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 def content_coding(values: list[str]) -> str | None:
@@ -58,12 +62,14 @@ def decompress(body: bytes, coding: str, max_bytes: int) -> bytes:
 # quoted-string), separated by optional spaces and tabs, and nothing else. Readers disagree about
 # anything outside this grammar (Django strips a leading NBSP and sees a form where a strict
 # reader sees no known type), so it is refused rather than read one way.
-_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110's `token`
-_QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
-_PARAMETER = re.compile(rf"({_NAME})=({_NAME}|{_QUOTED})")
-_MEDIA_TYPE = re.compile(rf"({_NAME})/({_NAME})((?:[ \t]*;[ \t]*(?:{_PARAMETER.pattern})?)*)")
-_UTF8 = ("utf-8", "utf8")
-_accepted_media_types: BoundedMemo[str, bool] = BoundedMemo(256)
+_NAME: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110's `token`
+_QUOTED: Final = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+_PARAMETER: Final = re.compile(rf"({_NAME})=({_NAME}|{_QUOTED})")
+_MEDIA_TYPE: Final = re.compile(
+    rf"({_NAME})/({_NAME})((?:[ \t]*;[ \t]*(?:{_PARAMETER.pattern})?)*)"
+)
+_UTF8: Final = ("utf-8", "utf8")
+_accepted_media_types: Final[BoundedMemo[str, bool]] = BoundedMemo(256)
 
 
 def check_media_type(values: list[str]) -> None:
@@ -107,8 +113,8 @@ def parse_json_body(body: bytes) -> Any:
         raise Rejected(Reason.JSON_INVALID) from None
 
 
-THREAD_BYTES = 64 * 1024
-NOT_READ: Any = object()  # `JsonBody.document` when the body was empty or could not be read
+THREAD_BYTES: Final = 64 * 1024
+NOT_READ: Final[Any] = object()  # `JsonBody.document` when the body was empty or could not be read
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from gateway.auth.verify import token_digest
@@ -37,7 +37,7 @@ class QuerySource:
         return f"query {self.name}"
 
 
-STAR = None  # a `[*]` step in a JSON path
+STAR: Final = None  # a `[*]` step in a JSON path
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ class JsonSource:
 
 Source = HeaderSource | QuerySource | JsonSource
 
-_JSON_PATH_TOKEN = re.compile(r"\[\*\]|[^.\[\]]+|\.")
+_JSON_PATH_TOKEN: Final = re.compile(r"\[\*\]|[^.\[\]]+|\.")
 
 
 def parse_json_path(path: str) -> tuple[str | None, ...]:
@@ -109,11 +109,11 @@ def query_name_key(name: str) -> str:
     return name.casefold().replace(" ", "_").replace(".", "_")
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
 # A bracket makes a name structured for PHP and for Node's `qs` (Express): `user_id[]=bob` is
 # the array ["bob"] under `user_id` there, so it is a second value of `user_id`, never another
 # parameter.
-STRUCTURED = "[structured]"
+STRUCTURED: Final = "[structured]"
 
 
 def parse_query(raw_query: str | None) -> dict[str, list[str]]:
@@ -141,10 +141,10 @@ def parse_query(raw_query: str | None) -> dict[str, list[str]]:
     return params
 
 
-_ABSENT: Any = object()
+_ABSENT: Final[Any] = object()
 
 
-_casefolded_keys: BoundedMemo[str, str] = BoundedMemo(4096)
+_casefolded_keys: Final[BoundedMemo[str, str]] = BoundedMemo(4096)
 
 
 def _casefolded(key: str) -> str:
@@ -204,7 +204,7 @@ def distinct_keys(mapping: dict[str, Any]) -> dict[str, Any]:
 
 # What a request may name as a user or a session, and a token as its user: no control
 # characters, no lone surrogates, so every such value can be compared and forwarded exactly.
-_IDENTITY_TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+_IDENTITY_TEXT: Final = re.compile(r"[^\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
 def is_identity_text(text: str) -> bool:
@@ -354,7 +354,7 @@ def extract_token(
     return FoundToken(token, tuple(found_in), token_digest(token))
 
 
-MAX_SESSION_ID_BYTES = 128
+MAX_SESSION_ID_BYTES: Final = 128
 
 
 def extract_session(sources: Sequence[Source], parts: RequestParts) -> str | None:

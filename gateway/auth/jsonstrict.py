@@ -15,7 +15,7 @@ import gc
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -34,7 +34,7 @@ class JSONRejected(ValueError):
 # C parsers such as cJSON read a key up to its first NUL (`"registered\u0000"` is `registered`
 # to them), and other control characters are stripped or mangled by some readers: a key that
 # holds one is never what it seems.
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f]")
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def _no_constants(name: str) -> Any:
     raise JSONRejected(f"{name} is not JSON")
 
 
-_DECODER = json.JSONDecoder(
+_DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_object_without_duplicates,
     parse_float=_finite_float,
     parse_constant=_no_constants,
@@ -68,12 +68,12 @@ _DECODER = json.JSONDecoder(
 # documents with a run of 19 digits take the strict decoder (a regex search costs 10x more).
 # The same translation turns DEL into a backslash, so one search finds either mark of a
 # control character below.
-_MARK_DIGITS_AND_DEL = bytes.maketrans(b"123456789\x7f", b"000000000\\")
-_LONG_DIGIT_RUN = b"0" * 19
+_MARK_DIGITS_AND_DEL: Final = bytes.maketrans(b"123456789\x7f", b"000000000\\")
+_LONG_DIGIT_RUN: Final = b"0" * 19
 # What a control character (or DEL) in a string looks like: in a key, only the strict decoder
 # finds it, since orjson's answer does not say which strings were keys. (Searched one by one:
 # a regex stopping at every backslash costs 25 ms on a megabyte of `\u0061`.)
-_CONTROL_MARKS = (
+_CONTROL_MARKS: Final = (
     *(b"\\" + c for c in (b"b", b"f", b"n", b"r", b"t", b"u000", b"u001", b"u007f", b"u007F")),
     b"\x7f",
 )
@@ -87,12 +87,18 @@ def _holds(data: bytes, part: bytes) -> bool:
 
 # Below this, a document holds too few containers for a collection to matter, and pausing the
 # collector would cost more than reading it (a token's payload, a single event).
-_PAUSE_COLLECTOR_FROM = 2048
+_PAUSE_COLLECTOR_FROM: Final = 2048
+
+
+# orjson's functions as `Final` names, which the compiled build calls from C statics rather than
+# looking each up in the orjson module on every call.
+_orjson_decode: Final = orjson.loads
+_orjson_encode: Final = orjson.dumps
 
 
 def _orjson_loads(data: bytes) -> Any:
     try:
-        return orjson.loads(data)
+        return _orjson_decode(data)
     except orjson.JSONDecodeError as exc:
         # Anything orjson refuses is refused: BOM, invalid UTF-8, NaN, lone surrogates (which
         # readers repair in different ways), nesting past 1024 levels, and malformed text.
@@ -131,7 +137,7 @@ def loads_strict(data: bytes) -> Any:
     if escapes_colon:
         expected += data.count(b"\\u003a") + data.count(b"\\u003A")
     try:
-        encoded = orjson.dumps(value)
+        encoded = _orjson_encode(value)
     except orjson.JSONEncodeError:  # past 254 levels: no event nests so deep
         raise JSONRejected("nested too deeply") from None
     if encoded.count(b":") != expected:

@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gateway.auth.extract import (
     RequestParts,
@@ -29,7 +29,7 @@ from gateway.refusals.reasons import Reason, Rejected
 
 Identity = str | Mapping[str, str]
 
-_PRINTABLE = re.compile(r"[ -$&-~]*")
+_PRINTABLE: Final = re.compile(r"[ -$&-~]*")
 
 
 def header_safe(user: str) -> str:

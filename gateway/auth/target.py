@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.base.memo import BoundedMemo
 from gateway.refusals.reasons import Reason, Rejected
 
-_PATH = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+/?")
-_QUERY = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
-SEGMENT_CHARS = "[A-Za-z0-9._~-]+"  # one path segment, as the path grammar allows it
+_PATH: Final = re.compile(r"/|(?:/(?!\.\.?(?:/|$))[A-Za-z0-9._~-]+)+/?")
+_QUERY: Final = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*")
+SEGMENT_CHARS: Final = "[A-Za-z0-9._~-]+"  # one path segment, as the path grammar allows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,8 @@ class Target:
     query: str | None  # raw, as received; None when the target has no `?`
 
 
-_targets: BoundedMemo[str, Target] = BoundedMemo(4096)  # valid targets; refused ones not kept
+# Valid targets; refused ones not kept.
+_targets: Final[BoundedMemo[str, Target]] = BoundedMemo(4096)
 
 
 def parse_target(raw: str) -> Target:

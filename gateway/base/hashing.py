@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Final
 
-_SHA256 = hashlib.sha256()
+_SHA256: Final = hashlib.sha256()
 
 
 def sha256(data: bytes) -> bytes:

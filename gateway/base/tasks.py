@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
-_running: set[asyncio.Task[Any]] = set()
+_running: Final[set[asyncio.Task[Any]]] = set()
 
 
 def spawn(coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Protocol
+from typing import Final, Protocol
 
 
 class ChildSpan(Protocol):
@@ -22,4 +22,4 @@ class ChildSpan(Protocol):
 
 SpanOpener = Callable[[str], ChildSpan]
 
-current: ContextVar[SpanOpener | None] = ContextVar("gateway_span_opener", default=None)
+current: Final[ContextVar[SpanOpener | None]] = ContextVar("gateway_span_opener", default=None)

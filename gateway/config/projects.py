@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from gateway.auth.algorithms import KeyType
 from gateway.auth.jwks import JwksUrl, ProjectKeys
@@ -26,7 +26,7 @@ from gateway.auth.verify import Policy, TokenCache, TokenVerifier
 from gateway.base.clock import Clock
 from gateway.config.settings import LoadedConfig, Problem, ProjectSettings
 
-OTHER_PROJECTS = "_other"
+OTHER_PROJECTS: Final = "_other"
 Mode = Literal["disabled", "monitor", "required"]
 
 
@@ -218,7 +218,7 @@ def _verifier_identity(project_id: str, settings: ProjectSettings) -> bytes:
     ).encode()
 
 
-_SHA256_ENTRY = re.compile(r"sha256:[0-9a-fA-F]{64}")
+_SHA256_ENTRY: Final = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 
 def _api_key_digest(entry: str) -> bytes | None:

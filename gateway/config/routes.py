@@ -8,6 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Final
 
 from gateway.auth.extract import (
     HeaderSource,
@@ -48,8 +49,8 @@ class ProjectFixed:
 
 ProjectFrom = ProjectFromPath | ProjectFromHeader | ProjectFixed
 
-API_KEY_SOURCE = HeaderSource("authorization", "token")
-DEFAULT_UPSTREAM = "default"  # the name of `upstream` in metrics and logs
+API_KEY_SOURCE: Final = HeaderSource("authorization", "token")
+DEFAULT_UPSTREAM: Final = "default"  # the name of `upstream` in metrics and logs
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote_plus
 
 from gateway.auth.extract import query_name_key
@@ -17,7 +18,7 @@ from gateway.http.messages import date_line, header_lines, normalise_header_name
 from gateway.http.response_reader import Head
 
 # Hop-by-hop (RFC 9110 §7.6.1) plus what the gateway sets or owns itself.
-_REQUEST_DROPPED = frozenset(
+_REQUEST_DROPPED: Final = frozenset(
     {
         "connection",
         "keep-alive",
@@ -123,7 +124,7 @@ class Forwarding:
 # believe them (Flask's ProxyFix, nginx's real_ip, Cloudflare-aware apps), so from a client that
 # is not one of our trusted proxies they are dropped: otherwise anyone could pick the address an
 # event is recorded from.
-_CLIENT_ADDRESS = frozenset(
+_CLIENT_ADDRESS: Final = frozenset(
     {
         "forwarded",
         "x-real-ip",
@@ -134,10 +135,10 @@ _CLIENT_ADDRESS = frozenset(
         "fastly-client-ip",
     }
 )
-_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}) | (
+_FORWARDING: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}) | (
     _CLIENT_ADDRESS
 )
-_NOT_RELAYED = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
+_NOT_RELAYED: Final = _REQUEST_DROPPED | _FORWARDING  # one set lookup decides for most headers
 
 
 class _FromTrustedProxy:

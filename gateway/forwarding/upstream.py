@@ -21,7 +21,7 @@ from gateway.http.pool import ConnectionPool, Destination
 from gateway.refusals.reasons import Reason
 
 # What an exchange with the upstream may raise.
-FAILURES = (UpstreamUnreachable, TimeoutError, *UPSTREAM_FAILURES)
+FAILURES: Final = (UpstreamUnreachable, TimeoutError, *UPSTREAM_FAILURES)
 
 
 def failure_reason(exc: BaseException) -> Reason:

@@ -13,7 +13,7 @@ import contextlib
 import socket
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
@@ -26,8 +26,9 @@ from gateway.http.output import Output
 from gateway.http.parsing import RequestReader
 from gateway.http.relay import relay
 
-MAX_QUEUED = 16  # pipelined heads waiting for an answer before the connection stops reading
-LINGER_SECONDS = 2.0  # after the last answer, how long what the client still sends is dropped
+MAX_QUEUED: Final = 16  # pipelined heads waiting for an answer before the connection stops reading
+# After the last answer, how long what the client still sends is dropped.
+LINGER_SECONDS: Final = 2.0
 
 
 class Listener(Protocol):

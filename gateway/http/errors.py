@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 
 class RequestBodyError(Exception):
@@ -32,7 +33,7 @@ class UpstreamBroken(Exception):
 
 # Everything a broken or vanished upstream raises mid-exchange, besides TimeoutError (past the
 # exchange's deadline; a subclass of OSError, so tell it apart first).
-UPSTREAM_FAILURES = (
+UPSTREAM_FAILURES: Final = (
     UpstreamBroken,
     asyncio.IncompleteReadError,
     asyncio.LimitOverrunError,

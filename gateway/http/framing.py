@@ -4,13 +4,14 @@ the chunks of an answer relayed as it arrives."""
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 from gateway.http.messages import Request, Response
 
-NO_BODY_STATUSES = frozenset({204, 304})
-_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
+NO_BODY_STATUSES: Final = frozenset({204, 304})
+_STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}".encode() for s in HTTPStatus}
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
 
 def status_line(status: int) -> bytes:

@@ -15,13 +15,13 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from gateway.base.memo import BoundedMemo
 from gateway.http.errors import BodyBroken, BodyTimeout, BodyTooLarge
 
-_REQUEST_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers
-_request_numbers = itertools.count()
+_REQUEST_ID_PREFIX: Final = os.urandom(6).hex()  # per process: ids stay unique across workers
+_request_numbers: Final = itertools.count()
 
 
 def new_request_id() -> str:
@@ -30,7 +30,7 @@ def new_request_id() -> str:
     return _REQUEST_ID_PREFIX + (next(_request_numbers) & 0xFFFF_FFFF_FFFF).to_bytes(6).hex()
 
 
-_date_line: list[tuple[int, bytes]] = [(-1, b"")]  # formatted once a second
+_date_line: Final[list[tuple[int, bytes]]] = [(-1, b"")]  # formatted once a second
 
 
 def date_line() -> bytes:
@@ -49,7 +49,7 @@ def normalise_header_name(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-_header_keys: BoundedMemo[bytes, str] = BoundedMemo(4096)
+_header_keys: Final[BoundedMemo[bytes, str]] = BoundedMemo(4096)
 
 
 def header_key(raw_name: bytes) -> str:

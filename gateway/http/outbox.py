@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
-log = logging.getLogger("gateway.outbox")
+log: Final = logging.getLogger("gateway.outbox")
 
 
 class Outbox:

@@ -7,14 +7,15 @@ import asyncio
 import contextlib
 import socket
 import struct
+from typing import Final
 
 from gateway.http.outbox import Outbox
 
 # Written answers wait in the outbox until the end of the loop's pass, where the transport
 # cannot see them: past this much (the transport's default high-water mark) they are handed to
 # it at once, so that it can say whether to pause.
-UNSENT_BYTES = 64 * 1024
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
+UNSENT_BYTES: Final = 64 * 1024
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, zero seconds: close sends RST
 
 
 class Output:

@@ -8,13 +8,14 @@ and hands each request to its connection as soon as its head is complete.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 import httptools
 
 from gateway.http.errors import HostInvalid, ObsoleteVersion, VersionUnsupported
 from gateway.http.messages import Channel, Request
 
-MAX_HEADERS = 128
+MAX_HEADERS: Final = 128
 
 
 class HeadTooLarge(Exception):

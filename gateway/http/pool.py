@@ -11,15 +11,16 @@ import math
 import ssl
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
 from gateway.http.errors import UpstreamUnreachable
 from gateway.http.outbox import Outbox
 from gateway.http.upstream_connection import UpstreamConnection
 
-log = logging.getLogger("gateway.upstream")
+log: Final = logging.getLogger("gateway.upstream")
 
 
-SKIP_SECONDS = 5.0  # an endpoint that refused a connection is not tried again for this long
+SKIP_SECONDS: Final = 5.0  # an endpoint that refused a connection is not tried again for this long
 
 
 @dataclass(frozen=True, slots=True)

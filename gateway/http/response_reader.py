@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
 from gateway.base.memo import BoundedMemo
 from gateway.http.errors import UpstreamBroken
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_FIELDS = 128
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_FIELDS: Final = 128
 
 # Hop-by-hop (RFC 9110 §7.6.1) and framing fields: they describe this connection, not the answer.
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -187,7 +188,7 @@ def _fields(raw: bytes) -> list[tuple[bytes, bytes]]:
 
 
 # Heads seen, by their bytes: only `Date` changes, once a second.
-_heads: BoundedMemo[bytes, Head] = BoundedMemo(512)
+_heads: Final[BoundedMemo[bytes, Head]] = BoundedMemo(512)
 
 
 def _head(status: int, fields: list[tuple[bytes, bytes]], head_request: bool = False) -> Head:
@@ -217,7 +218,7 @@ def _head(status: int, fields: list[tuple[bytes, bytes]], head_request: bool = F
     return Head(status, tuple(lines), frozenset(names), length, chunked, bodyless)
 
 
-_named_memo: dict[tuple[bytes, ...], frozenset[bytes]] = {}
+_named_memo: Final[dict[tuple[bytes, ...], frozenset[bytes]]] = {}
 
 
 def _connection_named(values: list[bytes]) -> frozenset[bytes]:

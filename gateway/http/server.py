@@ -13,18 +13,20 @@ import logging
 import math
 import socket
 import ssl
+from typing import Final
 
 from gateway.base.tasks import spawn
 from gateway.http.connection import HttpConnection
 from gateway.http.handler import ConnectionCounts, Handler
 from gateway.http.outbox import Outbox
 
-log = logging.getLogger("gateway.server")
+log: Final = logging.getLogger("gateway.server")
 
-ACCEPT_BATCH = 128  # connections accepted per wake-up of the listening socket
-ACCEPT_RETRY_SECONDS = 0.1  # after a failed accept (out of descriptors): the backlog waits
-LOG_INTERVAL_SECONDS = 1.0  # refused connections are each counted, but logged at most this often
-HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped
+ACCEPT_BATCH: Final = 128  # connections accepted per wake-up of the listening socket
+ACCEPT_RETRY_SECONDS: Final = 0.1  # after a failed accept (out of descriptors): the backlog waits
+# Refused connections are each counted, but logged at most this often.
+LOG_INTERVAL_SECONDS: Final = 1.0
+HANDSHAKE_SECONDS: Final = 10.0  # a TLS handshake not done by then is dropped
 
 
 def _error_name(exc: OSError) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Final
 
-LISTEN_FD_ENV = "GATEWAY_LISTEN_FD"  # a worker's inherited public socket
+LISTEN_FD_ENV: Final = "GATEWAY_LISTEN_FD"  # a worker's inherited public socket
 
 
 class StartupError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final
 
 from gateway.refusals.reasons import Code, Reason
 
@@ -55,8 +56,8 @@ def _bloomreach_prefix(reason: Reason, cause: Code | None) -> str:
 
 
 # A newline ends each body, so a terminal shows curl's prompt on a line of its own.
-_SUFFIX = {ErrorFormat.STANDARD: '"}}\n', ErrorFormat.BLOOMREACH: '"}\n'}
-_PREFIX_BUILDERS = {
+_SUFFIX: Final = {ErrorFormat.STANDARD: '"}}\n', ErrorFormat.BLOOMREACH: '"}\n'}
+_PREFIX_BUILDERS: Final = {
     ErrorFormat.STANDARD: _standard_prefix,
     ErrorFormat.BLOOMREACH: _bloomreach_prefix,
 }
@@ -103,7 +104,7 @@ def _build_templates() -> dict[tuple[Reason, ErrorFormat, bool], _Template]:
     return templates
 
 
-_TEMPLATES = _build_templates()
+_TEMPLATES: Final = _build_templates()
 
 
 def render_error(

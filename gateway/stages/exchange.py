@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from opentelemetry.trace import Span
 
@@ -13,7 +14,7 @@ from gateway.config.routes import Route
 from gateway.http.messages import Request, new_request_id
 from gateway.refusals.reasons import Reason
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(request: Request) -> str:

@@ -4,12 +4,12 @@ with the gateway's own headers."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from gateway.auth.target import Target
 from gateway.auth.verified import token_exp, token_user
 from gateway.base import traced
+from gateway.base.clock import perf_counter
 from gateway.config.compiled import CompiledConfig
 from gateway.config.projects import Project
 from gateway.forwarding.headers import (
@@ -91,7 +91,7 @@ async def exchange_with(upstream: Upstream, sent: Outgoing, timings: Timings) ->
     span = None if opener is None else opener("gateway.upstream")
     if span is not None:
         sent.header_lines = with_traceparent(sent.header_lines, span.traceparent)
-    started = time.perf_counter()
+    started = perf_counter()
     try:
         answer = await upstream.send(
             sent.method, sent.path, sent.query, sent.header_lines, sent.body
@@ -104,7 +104,7 @@ async def exchange_with(upstream: Upstream, sent: Outgoing, timings: Timings) ->
             span.note("gateway.reason", reason.phrase)
         raise Rejected(reason) from None
     finally:
-        timings.observe(time.perf_counter() - started)
+        timings.observe(perf_counter() - started)
         if span is not None:
             span.end()
     return answer

@@ -3,10 +3,10 @@ failures per session, reset by a verified request."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from gateway.auth.subject import identity_key
+from gateway.base.clock import perf_counter
 from gateway.config.projects import Project
 from gateway.counters import FailureCounter, Session, session_key
 from gateway.forwarding.headers import IPNetwork, client_address
@@ -30,9 +30,9 @@ async def count_failure(
 ) -> int | None:
     """Counts a token failure; the `Retry-After` of the 429 once the session is past
     `threshold`, else None (a counter that cannot answer limits nobody)."""
-    started = time.perf_counter()
+    started = perf_counter()
     count = await counter.record_failure(session_key(*session))
-    timings.observe(time.perf_counter() - started)
+    timings.observe(perf_counter() - started)
     if count is None or count.count <= threshold:
         return None
     return count.retry_after

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from gateway.auth.target import Target, parse_target
 from gateway.http.messages import Request
 from gateway.refusals.reasons import Reason, Rejected
 
 # Methods whose bodies many servers never read: such a body would be taken for the next request
 # on the upstream connection, one the gateway never checked.
-BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 
 
 def read_target(request: Request) -> Target:
