@@ -33,6 +33,7 @@ REQUEST_PATH = (
     "gateway.stages.forward",
     "gateway.telemetry.logs",
     "gateway.config.projects",
+    "gateway.config.router",
     "gateway.config.routes",
 )
 # Made once a request or more. mypyc compiles an __init__ written in the class, not the one

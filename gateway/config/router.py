@@ -8,8 +8,7 @@ path that ends in `/` only when its own template does, and never the other way r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from gateway.auth.target import SEGMENT_CHARS
 from gateway.base.memo import BoundedMemo
@@ -88,11 +87,14 @@ def placeholder_pattern(template: str, name: str) -> str | None:
 RouteT = TypeVar("RouteT")
 
 
-@dataclass(frozen=True, slots=True)
 class RouteEntry(Generic[RouteT]):
-    pattern: re.Pattern[str]
-    methods: frozenset[str]
-    route: RouteT
+    """A route's compiled template and methods. (A plain class: mypyc does not compile a
+    generic dataclass.)"""
+
+    def __init__(self, pattern: re.Pattern[str], methods: frozenset[str], route: RouteT) -> None:
+        self.pattern: Final = pattern
+        self.methods: Final = methods
+        self.route: Final = route
 
 
 class Router(Generic[RouteT]):

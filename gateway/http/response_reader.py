@@ -133,23 +133,33 @@ class ResponseReader:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        if parser.get_http_version() not in ("1.1", "1.0"):
-            raise UpstreamBroken("HTTP version")
         status = parser.get_status_code()
         if not 100 <= status <= 999:
             raise UpstreamBroken("status code")
         if status < 200:
+            self._check_version()
             self._interims += 1  # 100 Continue, 103 Early Hints (101 never gets here)
             return
         raw = self._raw_head()
         if self._head_request:
+            self._check_version()
             self.head = _head(status, _fields(raw), head_request=True)
             # llhttp cannot be told that an answer to HEAD has no body: it ends here, and
             # whatever llhttp would read as its body is a byte after the answer.
             self.ended, self.keep_alive = True, parser.should_keep_alive()
             return
+        # The status line, version and all, is part of the head's bytes: a head found among
+        # those seen passed the version check when it was kept (httptools formats the
+        # version into a new string on every call).
         head = _heads.get(raw)
-        self.head = head if head is not None else _heads.keep(raw, _head(status, _fields(raw)))
+        if head is None:
+            self._check_version()
+            head = _heads.keep(raw, _head(status, _fields(raw)))
+        self.head = head
+
+    def _check_version(self) -> None:
+        if self._parser.get_http_version() not in ("1.1", "1.0"):
+            raise UpstreamBroken("HTTP version")
 
     def on_body(self, body: bytes) -> None:
         if self.ended:
