@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import time
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import Enum
 from typing import Final, Protocol
 
+from gateway.base.clock import system_time
 from gateway.base.memo import BoundedMemo
 from gateway.http.errors import BodyBroken, BodyTimeout, BodyTooLarge
 
@@ -35,7 +35,7 @@ _date_line: Final[list[tuple[int, bytes]]] = [(-1, b"")]  # formatted once a sec
 
 def date_line() -> bytes:
     """The `Date` header line for an answer the gateway writes itself."""
-    second = int(time.time())
+    second = int(system_time())
     cached_second, line = _date_line[0]
     if second != cached_second:
         line = b"Date: " + formatdate(second, usegmt=True).encode()
