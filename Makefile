@@ -25,8 +25,8 @@ EXAMPLE_KEYS := demo moengage-a moengage-b braze-rsa segment-rsa
 EXAMPLE_EC_KEYS := braze-ec amplitude-ec
 EXAMPLE_SECRETS := ("SHOP_EU_PUBLIC_API_KEY", "SHOP_EU_KEY_7_SECRET", "STREAM_ORDERS_SECRET")
 
-.PHONY: install run examples test deps lint typecheck format check-config prometheus-rule bench \
-	compiled fuzz-deep soak clean
+.PHONY: install run examples test deps bench-deps lint typecheck format check-config \
+	prometheus-rule bench compiled fuzz-deep soak clean
 
 # The gateway alone, for `make run`.
 $(RUNTIME): pyproject.toml
@@ -55,6 +55,11 @@ $(KUSTOMIZE): tests/setup/kustomize/package.json | deps
 # naming the command to run.
 deps:
 	@tests/setup/system-packages.sh
+
+# What `make bench` runs besides the gateway (wrk, nginx, HAProxy, redis-server), the same way;
+# nginx and haproxy are looked for in sbin too, which a user's PATH often lacks.
+bench-deps:
+	@PATH="$$PATH:/usr/local/sbin:/usr/sbin:/sbin" tests/setup/system-packages.sh bench
 
 install: $(DEV)
 
@@ -129,8 +134,9 @@ format: $(DEV)
 # Side by side in one run: bare nginx, HAProxy jwt_verify, the gateway in every mode (the
 # compiled build, and the pure-Python one on the realistic target); then the verified-token
 # cache's bytes per entry and hit rate by size at a million users, in the compiled build.
-# Needs Debian's wrk, nginx-light, haproxy and redis-server (see README "Performance").
-bench: $(DEV) $(COMPILED_BUILT)
+# Runs Debian's wrk, nginx-light, haproxy and redis-server, which bench-deps installs first when
+# they are missing.
+bench: bench-deps $(DEV) $(COMPILED_BUILT)
 	PYTHONPATH=$(COMPILED):$(CURDIR) PYTHONSAFEPATH=1 $(BIN)/python -m tests.bench.run
 	PYTHONPATH=$(COMPILED):$(CURDIR) PYTHONSAFEPATH=1 $(BIN)/python -m tests.bench.cache_sizing
 
