@@ -293,9 +293,9 @@ class _CapturedLog:
     def __init__(self, sink: list[dict[str, Any]]) -> None:
         self._sink = sink
 
-    def write(self, text: str) -> int:
-        self._sink.extend(log_records(text))
-        return len(text)
+    def write(self, data: bytes) -> int:
+        self._sink.extend(log_records(data.decode()))
+        return len(data)
 
     def flush(self) -> None:
         pass

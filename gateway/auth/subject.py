@@ -12,10 +12,9 @@ Three shapes (`subject.format`):
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from gateway.auth.extract import (
     RequestParts,
@@ -29,13 +28,18 @@ from gateway.refusals.reasons import Reason, Rejected
 
 Identity = str | Mapping[str, str]
 
-_PRINTABLE: Final = re.compile(r"[ -$&-~]*")
-
 
 def header_safe(user: str) -> str:
     """Percent-encode (as UTF-8) every byte outside printable ASCII, and `%` itself; spaces at
     either end too, since HTTP parsers strip them and the user would arrive changed."""
-    if _PRINTABLE.fullmatch(user) and user[:1] != " " and user[-1:] != " ":
+    # Within ASCII, `str.isprintable` holds exactly for space to `~`: no regex for the usual id.
+    if (
+        user.isascii()
+        and user.isprintable()
+        and user.find("%") == -1
+        and user[:1] != " "
+        and user[-1:] != " "
+    ):
         return user
     encoded = "".join(
         c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode())

@@ -161,9 +161,9 @@ class TokenCache:
         return found
 
     def put(self, key: int, token: VerifiedToken) -> None:
+        """Cache a token that `get` has just missed (so it is in neither generation)."""
         if self.max_entries == 0:
             return
-        self._old.pop(key, None)
         self._keep(key, token)
         self._until_collection -= 1
         if not self._until_collection:

@@ -23,16 +23,19 @@ FLUSH_BYTES: Final = 64 * 1024
 _encode: Final = orjson.dumps
 
 
-class TextSink(Protocol):
-    def write(self, text: str, /) -> int: ...
+class ByteSink(Protocol):
+    def write(self, data: bytes, /) -> int: ...
     def flush(self) -> None: ...
 
 
 class AccessLog:
-    def __init__(self, stream: TextSink | None = None, *, enabled: bool = True) -> None:
+    """Lines kept as the bytes orjson made them and written to a binary stream (stdout's own
+    buffer by default): no decoding to text and encoding back for every line."""
+
+    def __init__(self, stream: ByteSink | None = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._stream = stream if stream is not None else sys.stdout
-        self._pending: list[str] = []
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
 
@@ -43,7 +46,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = _encode(record).decode()
+        line = _encode(record)
         self._pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= FLUSH_BYTES or self._flusher is None:
@@ -53,7 +56,7 @@ class AccessLog:
         if not self._pending:
             return
         lines, self._pending, self._pending_bytes = self._pending, [], 0
-        self._stream.write("\n".join(lines) + "\n")
+        self._stream.write(b"\n".join(lines) + b"\n")
         self._stream.flush()
 
     async def _flush_periodically(self) -> None:

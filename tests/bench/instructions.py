@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO, cast
+from typing import BinaryIO, cast
 
 import uvloop
 from cryptography.hazmat.primitives import serialization
@@ -104,7 +104,7 @@ def _request(port: int, line: str) -> bytes:
 
 
 async def closed_loop(
-    workdir: Path, count: int, connections: int, bypass: bool, log: TextIO
+    workdir: Path, count: int, connections: int, bypass: bool, log: BinaryIO
 ) -> None:
     """Warm every token up, then send `count` more requests over `connections` connections."""
     loop = asyncio.get_running_loop()
@@ -193,7 +193,7 @@ def main() -> int:
     if sys.argv[1:2] == ["--loop"]:
         connections = int(os.environ.get("INSTRUCTIONS_CONNECTIONS", "1"))
         bypass = os.environ.get("INSTRUCTIONS_BYPASS", "0") == "1"
-        with open(os.devnull, "w") as log:
+        with open(os.devnull, "wb") as log:
             workdir, count = Path(sys.argv[2]), int(sys.argv[3])
             uvloop.run(closed_loop(workdir, count, connections, bypass, log))
         return 0
