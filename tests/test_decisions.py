@@ -450,8 +450,7 @@ async def test_monitor_forwards_would_reject_as_unverified(
     status, _, _ = await post(http, gateway, conflicting, {"X-User-Id": "bob"})
     assert status == 200
     assert upstream.last_headers()["x-auth-status"] == "unverified"
-    gateway.server.pipeline.access_log.flush()
-    decisions = [line["decision"] for line in gateway.log_lines]
+    decisions = [line["decision"] for line in await gateway.access_log(3)]
     assert decisions == ["would_reject", "verified", "would_reject"]
     assert gateway.log_lines[0]["code"] == "TOKEN_EXPIRED"
     assert gateway.log_lines[2]["reason"] == "identity_conflict"

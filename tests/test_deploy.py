@@ -62,6 +62,7 @@ METRICS = {
     "gateway_requests_in_flight": "gauge",
     "gateway_failure_counter_duration_seconds": "histogram",
     "gateway_build_info": "gauge",
+    "gateway_access_log_dropped_lines_total": "counter",
 }
 DECISIONS = {"verified", "anonymous", "rejected", "would_reject", "disabled"}
 ALERT_JOB = "gateway"  # the `job` the alerts select: the scrape job / Kubernetes Service name

@@ -921,9 +921,9 @@ async def test_monitor_forwards_hostile_body_unverified(
     for name, value in hostile.headers:
         if name.lower() in ("content-type", "content-encoding"):
             assert forwarded[name.lower()] == value
-    gateway.server.pipeline.access_log.flush()
-    assert gateway.log_lines[-1]["decision"] == "would_reject"
-    assert gateway.log_lines[-1]["reason"] == hostile.reason
+    logged = (await gateway.access_log())[-1]
+    assert logged["decision"] == "would_reject"
+    assert logged["reason"] == hostile.reason
 
 
 async def test_monitor_still_refuses_hostile_paths(

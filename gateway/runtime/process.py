@@ -120,6 +120,7 @@ class GatewayServer:
             jwks=self.jwks,
             tracing=self.tracing,
         )
+        self.pipeline.access_log.observe(self.metrics.access_log_dropped.inc)
         self.draining = False
         self._retired: list[Upstream | FailureCounter] = []  # replaced by a reload, closing soon
         self._public_socket = public_socket

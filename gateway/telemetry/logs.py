@@ -11,26 +11,30 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Final, Protocol
+from collections.abc import Callable
+from typing import Any, Final
 
 import orjson
 
 from gateway.base.tasks import spawn
+from gateway.telemetry.writer import BatchWriter, ByteSink
 
 FLUSH_INTERVAL_SECONDS: Final = 0.2
 FLUSH_BYTES: Final = 64 * 1024
+# What the writer thread may hold for a stdout that is not being read, about 10,000 lines; past
+# it, lines are dropped and counted (`gateway_access_log_dropped_lines_total`).
+MAX_UNWRITTEN_BYTES: Final = 4 * 1024 * 1024
+# At shutdown, how long the lines still held may take to be written before they are given up.
+CLOSE_TIMEOUT_SECONDS: Final = 5.0
 # A `Final` name: the compiled build calls it from a C static, not through the orjson module.
 _encode: Final = orjson.dumps
 
 
-class ByteSink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
-    def flush(self) -> None: ...
-
-
 class AccessLog:
-    """Lines kept as the bytes orjson made them and written to a binary stream (stdout's own
-    buffer by default): no decoding to text and encoding back for every line."""
+    """Lines kept as the bytes orjson made them, joined into batches of up to `FLUSH_BYTES` (or
+    every `FLUSH_INTERVAL_SECONDS`) and written to a binary stream, stdout's own buffer by
+    default, by a thread of their own (`BatchWriter`): a stdout nobody reads holds up that
+    thread, never a request. Before `start` and after `close`, lines are written at once."""
 
     def __init__(self, stream: ByteSink | None = None, *, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -38,9 +42,16 @@ class AccessLog:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._writer: BatchWriter | None = None
+        self._on_dropped: Callable[[int], None] = lambda lines: None
+
+    def observe(self, on_dropped: Callable[[int], None]) -> None:
+        """Report lines dropped (the metrics hook); called from the writer's thread too."""
+        self._on_dropped = on_dropped
 
     def start(self) -> None:
         if self.enabled and self._flusher is None:
+            self._writer = BatchWriter(self._stream, MAX_UNWRITTEN_BYTES, self._dropped)
             self._flusher = spawn(self._flush_periodically())
 
     def write(self, record: dict[str, Any]) -> None:
@@ -53,11 +64,19 @@ class AccessLog:
             self.flush()
 
     def flush(self) -> None:
+        """Hand what is pending to the writer (to the stream itself when none runs)."""
         if not self._pending:
             return
         lines, self._pending, self._pending_bytes = self._pending, [], 0
-        self._stream.write(b"\n".join(lines) + b"\n")
+        data = b"\n".join(lines) + b"\n"
+        if self._writer is not None:
+            self._writer.offer(data, len(lines))
+            return
+        self._stream.write(data)
         self._stream.flush()
+
+    def _dropped(self, lines: int) -> None:
+        self._on_dropped(lines)
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -65,10 +84,21 @@ class AccessLog:
             self.flush()
 
     async def close(self) -> None:
+        """Write what is held, within `CLOSE_TIMEOUT_SECONDS`."""
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
         self.flush()
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await writer.close()
+        except TimeoutError:
+            logging.getLogger("gateway.access_log").warning(
+                "access log not written out at shutdown: stdout is not being read"
+            )
 
 
 # Formatting a second once, not per line.

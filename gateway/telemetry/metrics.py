@@ -187,6 +187,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            "gateway_access_log_dropped_lines_total",
+            "Access-log lines dropped: stdout had fallen 4 MiB behind (nobody was reading it) "
+            "or could not be written to.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "gateway_build_info",
             "The running gateway's version.",
