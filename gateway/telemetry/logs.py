@@ -18,6 +18,7 @@ import orjson
 
 from gateway.base.tasks import spawn
 from gateway.telemetry.writer import BatchWriter, ByteSink
+from gateway.telemetry.writer import log as writer_log
 
 FLUSH_INTERVAL_SECONDS: Final = 0.2
 FLUSH_BYTES: Final = 64 * 1024
@@ -76,6 +77,7 @@ class AccessLog:
         self._stream.flush()
 
     def _dropped(self, lines: int) -> None:
+        # What the writer calls: through here, a hook given to `observe` after `start` is used.
         self._on_dropped(lines)
 
     async def _flush_periodically(self) -> None:
@@ -96,9 +98,7 @@ class AccessLog:
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
                 await writer.close()
         except TimeoutError:
-            logging.getLogger("gateway.access_log").warning(
-                "access log not written out at shutdown: stdout is not being read"
-            )
+            writer_log.warning("access log not written out at shutdown: stdout is not being read")
 
 
 # Formatting a second once, not per line.
